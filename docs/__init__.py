@@ -1,0 +1,1 @@
+"""Documentation sources; `docs/examples/` holds every snippet as a tested module."""

@@ -1,0 +1,74 @@
+"""offload: background work for FastAPI, in two lanes behind one API.
+
+```python
+from offload import Offload, TaskContext
+
+jobs = Offload()
+
+@jobs.task(retries=3)
+def send_welcome(ctx: TaskContext, user_id: int) -> None: ...
+
+run = await send_welcome.defer(user_id=7)
+```
+"""
+
+from offload.app import Offload as Offload
+from offload.context import TaskContext as TaskContext
+from offload.errors import BrokerUnavailableError as BrokerUnavailableError
+from offload.errors import ConfigurationError as ConfigurationError
+from offload.errors import LaneFullError as LaneFullError
+from offload.errors import LedgerError as LedgerError
+from offload.errors import OffloadError as OffloadError
+from offload.errors import ResultTimeoutError as ResultTimeoutError
+from offload.errors import Retry as Retry
+from offload.errors import RunFailedError as RunFailedError
+from offload.errors import RunNotFoundError as RunNotFoundError
+from offload.errors import TaskArgumentsError as TaskArgumentsError
+from offload.errors import TaskCancelledError as TaskCancelledError
+from offload.errors import TaskDefinitionError as TaskDefinitionError
+from offload.errors import TaskTimeoutError as TaskTimeoutError
+from offload.metrics import metrics_app as metrics_app
+from offload.run import TERMINAL_STATES as TERMINAL_STATES
+from offload.run import Attempt as Attempt
+from offload.run import Lane as Lane
+from offload.run import Progress as Progress
+from offload.run import RunHandle as RunHandle
+from offload.run import RunState as RunState
+from offload.run import RunStatus as RunStatus
+from offload.run import WorkerStatus as WorkerStatus
+from offload.settings import Settings as Settings
+from offload.task import Backoff as Backoff
+from offload.task import Task as Task
+from offload.task import Timeout as Timeout
+
+__all__ = [
+    "TERMINAL_STATES",
+    "Attempt",
+    "Backoff",
+    "BrokerUnavailableError",
+    "ConfigurationError",
+    "Lane",
+    "LaneFullError",
+    "LedgerError",
+    "Offload",
+    "OffloadError",
+    "Progress",
+    "ResultTimeoutError",
+    "Retry",
+    "RunFailedError",
+    "RunHandle",
+    "RunNotFoundError",
+    "RunState",
+    "RunStatus",
+    "Settings",
+    "Task",
+    "TaskArgumentsError",
+    "TaskCancelledError",
+    "TaskContext",
+    "TaskDefinitionError",
+    "TaskTimeoutError",
+    "Timeout",
+    "WorkerStatus",
+    "metrics_app",
+]
+__version__ = "0.1.0"

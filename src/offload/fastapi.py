@@ -1,0 +1,148 @@
+"""FastAPI glue: the `deferrals` dependency, offload's errors as HTTP, and the lifespan.
+
+```python
+app = FastAPI(
+    lifespan=jobs.lifespan,
+    exception_handlers=jobs.exception_handlers,
+    dependencies=[jobs.deferrals],
+)
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from fastapi import BackgroundTasks, Depends, Request, params
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from offload.errors import LaneFullError, OffloadError, RunNotFoundError, TaskArgumentsError
+from offload.guard import LoopGuard
+from offload.inline import Deferrals, InlineLane, current_deferrals
+
+if TYPE_CHECKING:
+    from offload.app import Offload
+
+logger = logging.getLogger(__name__)
+
+Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
+ExceptionHandler = Callable[[Request, Any], Coroutine[Any, Any, Response]]
+ExceptionHandlers = dict[int | type[Exception], ExceptionHandler]
+
+
+# --- deferring after the response -----------------------------------------------------------
+
+
+async def _deferrals(request: Request, background_tasks: BackgroundTasks) -> None:
+    deferrals = Deferrals(background_tasks.add_task)
+    current_deferrals.set(deferrals)
+    # FastAPI closes this stack after the response and its background tasks, and also when
+    # the endpoint raised (no background task runs then): `end()` starts what is left.
+    scope = request.scope
+    stack = scope.get("fastapi_inner_astack") or scope.get("fastapi_astack")
+    if isinstance(stack, AsyncExitStack):
+        stack.push_async_callback(deferrals.end)
+
+
+DEFERRALS: params.Depends = Depends(_deferrals)
+"""`Depends(...)` on the request's `BackgroundTasks`: inline runs start after the response."""
+
+
+# --- errors as HTTP ---------------------------------------------------------------------------
+
+
+async def _arguments_error(_request: Request, exc: TaskArgumentsError) -> Response:
+    return JSONResponse({"detail": exc.errors or [{"loc": [], "msg": str(exc)}]}, 422)
+
+
+async def _not_found(_request: Request, exc: RunNotFoundError) -> Response:
+    return JSONResponse({"detail": str(exc)}, 404)
+
+
+async def _lane_full(_request: Request, exc: LaneFullError) -> Response:
+    retry_after = str(max(1, math.ceil(exc.retry_after_s)))
+    return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": retry_after})
+
+
+async def _offload_error(request: Request, exc: OffloadError) -> Response:
+    logger.error(
+        "%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc
+    )  # the body says only what kind of error, never a traceback or internals
+    return JSONResponse(
+        {"detail": f"{type(exc).__name__}: internal error in offload; see the server log"}, 500
+    )
+
+
+EXCEPTION_HANDLERS: ExceptionHandlers = {
+    TaskArgumentsError: _arguments_error,
+    RunNotFoundError: _not_found,
+    LaneFullError: _lane_full,
+    OffloadError: _offload_error,
+}
+"""Starlette picks the most specific class of an error, so `OffloadError` catches the rest."""
+
+
+# --- lifespan ---------------------------------------------------------------------------------
+
+
+def lifespan_of(jobs: Offload) -> Lifespan:
+    """The lifespan that starts and stops `jobs`'s inline lane and the event-loop guard."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        lane = jobs.inline
+        await lane.start()
+        guard = LoopGuard(jobs.settings.loop_block_threshold_s)
+        guard.start()
+        restore = _on_shutdown_signal(lane)
+        try:
+            yield
+        finally:
+            restore()
+            try:
+                await lane.stop()
+            finally:
+                guard.stop()
+
+    return lifespan
+
+
+def _on_shutdown_signal(lane: InlineLane) -> Callable[[], None]:
+    """Make SIGTERM and SIGINT stop the lane's intake at once, then call the server's handler.
+
+    uvicorn runs the lifespan's shut-down only after open requests finish; the lane should stop
+    taking work (and spill what waits) from the signal on. Only a Python handler that a server
+    installed is chained: with none, offload leaves signals alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(lane.begin_stop)
+        chained = previous[signum]
+        chained(signum, frame)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        current = signal.getsignal(signum)
+        if callable(current):
+            previous[signum] = current
+            signal.signal(signum, handler)
+
+    def restore() -> None:
+        for signum, chained in previous.items():
+            if signal.getsignal(signum) is handler:
+                signal.signal(signum, chained)
+
+    return restore

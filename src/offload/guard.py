@@ -1,0 +1,173 @@
+"""The event-loop guard: notices when something blocks the loop, and says who.
+
+The loop sets a heartbeat every `interval_s`; a watchdog thread checks it. When the heartbeat is
+older than `threshold_s` (default 100 ms) the watchdog samples the loop thread's stack
+(`sys._current_frames()`), names what runs there (an inline task, a Starlette background task,
+or an endpoint) and logs one warning per blocking episode. `offload_event_loop_blocked_total`
+counts episodes, `offload_event_loop_blocked_seconds` their length and
+`offload_event_loop_lag_seconds` holds the latest lag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import sysconfig
+import threading
+import time
+import traceback
+from types import FrameType
+from typing import Any
+
+from offload import metrics
+from offload.inline import TASK_NAME_PREFIX
+
+logger = logging.getLogger(__name__)
+
+_HINT = (
+    "blocking calls (time.sleep, requests, sync database drivers, CPU loops) do not belong "
+    "in async def code: await an async equivalent, or declare the task def (it then runs on "
+    "the inline lane's threads) or cpu_bound=True (a separate process)"
+)
+
+
+class LoopGuard:
+    """Watches one event loop; `start()` on the loop, `stop()` when done."""
+
+    def __init__(self, threshold_s: float = 0.1, interval_s: float | None = None) -> None:
+        self.threshold_s = threshold_s
+        self.interval_s = interval_s if interval_s is not None else min(threshold_s / 4, 0.05)
+        self._beat = time.monotonic()
+        self._expected = self._beat
+        self._flagged = False
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._handle: asyncio.TimerHandle | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start watching the running loop."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._beat = time.monotonic()
+        self._expected = self._beat + self.interval_s
+        self._handle = self._loop.call_later(self.interval_s, self._tick)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, name="offload-loop-guard", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching (joins the watchdog thread)."""
+        self._stop.set()
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        lag = max(0.0, now - self._expected)
+        metrics.LOOP_LAG.set(lag)
+        if self._flagged:
+            self._flagged = False
+            metrics.LOOP_BLOCKED_SECONDS.observe(lag + self.interval_s)
+        self._beat = now
+        self._expected = now + self.interval_s
+        assert self._loop is not None
+        self._handle = self._loop.call_later(self.interval_s, self._tick)
+
+    def _watch(self) -> None:
+        episode: float | None = None
+        while not self._stop.wait(self.interval_s):
+            beat = self._beat
+            stalled = time.monotonic() - beat - self.interval_s
+            if episode is not None and beat != episode:
+                episode = None  # the loop ran again
+            if episode is None and stalled > self.threshold_s:
+                episode = beat
+                self._flagged = True
+                metrics.LOOP_BLOCKED.inc()
+                self._report(stalled)
+
+    def _report(self, stalled_s: float) -> None:
+        frame = sys._current_frames().get(self._loop_thread)
+        if frame is None:
+            return
+        stack = _stack(frame)
+        culprit = self._culprit(frame)
+        logger.warning(
+            "event loop blocked for more than %.0f ms by %s, at %s; %s\nblocking stack:\n%s",
+            stalled_s * 1000,
+            culprit,
+            _where(frame),
+            _HINT,
+            "".join(stack).rstrip(),
+        )
+
+    def _culprit(self, frame: FrameType) -> str:
+        task = asyncio.current_task(self._loop) if self._loop is not None else None
+        name = task.get_name() if task is not None else ""
+        if name.startswith(TASK_NAME_PREFIX):
+            task_name, _, run_id = name.removeprefix(TASK_NAME_PREFIX).rpartition(":")
+            return f"inline task {task_name!r} (run {run_id})"
+        background = None
+        endpoint = None
+        current: FrameType | None = frame
+        while current is not None:
+            code = current.f_code
+            if background is None and code.co_name == "__call__" and "self" in code.co_varnames:
+                owner = current.f_locals.get("self")
+                if type(owner).__name__ == "BackgroundTask":
+                    background = getattr(getattr(owner, "func", None), "__qualname__", "?")
+            if endpoint is None and "scope" in code.co_varnames:
+                endpoint = _endpoint(current.f_locals.get("scope"))
+            current = current.f_back
+        if background is not None:
+            after = f" after {endpoint}" if endpoint else ""
+            return f"BackgroundTasks task {background!r}{after}"
+        if endpoint is not None:
+            return endpoint
+        return f"asyncio task {name!r}" if name else "a callback outside any task"
+
+
+def _endpoint(scope: Any) -> str | None:
+    if not isinstance(scope, dict) or scope.get("type") != "http":
+        return None
+    route = scope.get("route")
+    path = getattr(route, "path", None) or scope.get("path", "?")
+    function = getattr(scope.get("endpoint"), "__qualname__", None)
+    named = f" ({function})" if function else ""
+    return f"endpoint {scope.get('method', '?')} {path}{named}"
+
+
+_LIBRARY = (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"], "<")
+
+
+def _where(frame: FrameType) -> str:
+    """The innermost frame outside the standard library and site-packages, else the innermost."""
+    current: FrameType | None = frame
+    while current is not None:
+        filename = current.f_code.co_filename
+        if not filename.startswith(_LIBRARY) and "site-packages" not in filename:
+            break
+        current = current.f_back
+    chosen = current or frame
+    return f"{chosen.f_code.co_filename}:{chosen.f_lineno} in {chosen.f_code.co_name}"
+
+
+def _stack(frame: FrameType) -> list[str]:
+    """The formatted stack of `frame`, cut below the event loop's running callback."""
+    frames: list[FrameType] = []
+    current: FrameType | None = frame
+    while current is not None:
+        frames.append(current)
+        current = current.f_back
+    for index, candidate in enumerate(frames):  # innermost first
+        code = candidate.f_code
+        if index and code.co_name == "_run" and code.co_filename.endswith("asyncio/events.py"):
+            frames = frames[:index]
+            break
+    summary = traceback.StackSummary.extract((f, f.f_lineno) for f in reversed(frames))
+    return summary.format()

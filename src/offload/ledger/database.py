@@ -1,0 +1,205 @@
+"""The ledger database: engine set-up, schema creation and versioning, transactions.
+
+SQLite: WAL, `synchronous=NORMAL`, a long busy timeout, and `BEGIN IMMEDIATE` for writers so
+two writers never deadlock upgrading a read lock. PostgreSQL: row locks (`FOR UPDATE`).
+Engines are disposed in forked children: a prefork worker never shares its parent's socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+
+from offload.errors import ConfigurationError, LedgerError
+from offload.ledger import migrations, queries
+from offload.ledger.schema import SCHEMA_VERSION, meta, metadata
+from offload.run import Attempt, RunStatus
+from offload.settings import mask_url
+
+T = TypeVar("T")
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+"""How long a SQLite writer waits for another's write lock before `LedgerError`."""
+
+
+def _engine_url(url: str) -> sa.URL:
+    parsed = sa.make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise ConfigurationError(
+                "OFFLOAD_LEDGER_URL is PostgreSQL but psycopg is not installed; "
+                "run: pip install 'offload[postgres]'"
+            ) from None
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _begin_when_free(conn: Connection, begin: str, timeout_s: float) -> None:
+    """`BEGIN ...`, retried with short sleeps while another connection holds the write lock."""
+    pause = 20e-6
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn.exec_driver_sql(begin)
+            return
+        except OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.005)
+
+
+class Ledger:
+    """The SQL store of every durable run. Thread-safe; one per process is enough."""
+
+    def __init__(
+        self,
+        url: str,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S,
+    ) -> None:
+        self.url = url
+        self.clock = clock
+        self.busy_timeout_s = busy_timeout_s
+        self._engine: Engine | None = None
+        self._engine_pid = 0
+        self._schema_ready = False
+
+    def __repr__(self) -> str:
+        return f"Ledger({mask_url(self.url)!r})"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+    @property
+    def engine(self) -> Engine:
+        """The engine for this process, created on first use (and again after a fork)."""
+        if self._engine is None or self._engine_pid != os.getpid():
+            if self._engine is not None:
+                # A forked child must not touch the parent's connections.
+                self._engine.dispose(close=False)
+            self._engine = self._create_engine()
+            self._engine_pid = os.getpid()
+        return self._engine
+
+    def _create_engine(self) -> Engine:
+        url = _engine_url(self.url)
+        if url.get_backend_name() != "sqlite":
+            return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        # SQLite's own busy handler sleeps 1, 2, 5, 10 ms... between tries: with the API and
+        # several workers writing short transactions, that turned every collision into a
+        # millisecond stall. Writers take the lock at BEGIN IMMEDIATE and retry it here with
+        # sleeps from 20 µs, until busy_timeout_s.
+        engine = sa.create_engine(url, connect_args={"timeout": 0})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Let SQLAlchemy's BEGIN below decide transactions, not pysqlite's guesses.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+            _begin_when_free(conn, f"BEGIN {mode}", self.busy_timeout_s)
+
+        return engine
+
+    def ensure_schema(self) -> None:
+        """Create the tables, or migrate them, once per process. Safe to race."""
+        if self._schema_ready:
+            return
+        with self._transaction(write=True) as conn:
+            if conn.dialect.name == "postgresql":
+                # Serialise concurrent creators (API and worker starting together).
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7470501)"))
+            inspector = sa.inspect(conn)
+            if not inspector.has_table(meta.name):
+                metadata.create_all(conn)
+                conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+            else:
+                found = int(
+                    conn.execute(
+                        sa.select(meta.c.value).where(meta.c.key == "schema_version")
+                    ).scalar_one()
+                )
+                if found > SCHEMA_VERSION:
+                    raise LedgerError(
+                        f"The ledger at {mask_url(self.url)} has schema version {found}, newer "
+                        f"than this offload ({SCHEMA_VERSION}); upgrade offload"
+                    )
+                if found < SCHEMA_VERSION:
+                    migrations.upgrade(conn, found, SCHEMA_VERSION)
+                    conn.execute(
+                        meta.update()
+                        .where(meta.c.key == "schema_version")
+                        .values(value=str(SCHEMA_VERSION))
+                    )
+        self._schema_ready = True
+
+    @contextlib.contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[Connection]:
+        try:
+            conn = self.engine.connect()
+            if not write:
+                conn = conn.execution_options(sqlite_begin="DEFERRED")
+            with conn, conn.begin():
+                yield conn
+        except SQLAlchemyError as exc:
+            # The driver's own words, without SQLAlchemy's statement dump and help link.
+            cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+            detail = f"{type(cause).__name__}: {str(cause).strip()}"
+            if "disk is full" in detail:
+                detail += "; free space on the disk that holds it"
+            raise LedgerError(f"ledger {mask_url(self.url)}: {detail}") from exc
+
+    def write(self, fn: Callable[[Connection], T]) -> T:
+        """Run `fn` in one write transaction; driver errors become `LedgerError`."""
+        self.ensure_schema()
+        with self._transaction(write=True) as conn:
+            return fn(conn)
+
+    def read(self, fn: Callable[[Connection], T]) -> T:
+        """Run `fn` in one read transaction (never blocks writers on SQLite WAL)."""
+        self.ensure_schema()
+        with self._transaction(write=False) as conn:
+            return fn(conn)
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    # --- the reads a RunHandle needs ---------------------------------------------------------
+
+    def status(self, run_id: str) -> RunStatus:
+        """The status of one run; `RunNotFoundError` if it does not exist."""
+        return self.read(lambda conn: queries.get_status(conn, run_id))
+
+    def attempts(self, run_id: str) -> list[Attempt]:
+        """Every attempt of a run, oldest first."""
+        return self.read(lambda conn: queries.get_attempts(conn, run_id))
+
+    def last_attempt(self, run_id: str) -> Attempt | None:
+        """The latest attempt of a run, or None before the first one."""
+        found = self.attempts(run_id)
+        return found[-1] if found else None

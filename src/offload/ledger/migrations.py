@@ -1,0 +1,25 @@
+"""Schema migrations: one function per version step, applied in order inside one transaction.
+
+Version 1 is the first schema, created directly from `schema.py`. A change to a table adds a
+function here, registered under the version it produces, and bumps `SCHEMA_VERSION`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy.engine import Connection
+
+from offload.errors import LedgerError
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+"""target version -> function that upgrades from the version before it."""
+
+
+def upgrade(conn: Connection, found: int, target: int) -> None:
+    """Apply every migration from `found` up to `target`."""
+    for version in range(found + 1, target + 1):
+        step = MIGRATIONS.get(version)
+        if step is None:
+            raise LedgerError(f"No migration to ledger schema version {version}")
+        step(conn)

@@ -1,0 +1,792 @@
+"""Every read and write of the ledger, as named functions over a SQLAlchemy connection.
+
+Each function runs inside the caller's transaction (see `Ledger.write()` / `Ledger.read()`);
+one state change is one transaction, so a crash leaves either the old state or the new one.
+
+The statements on a run's hot path (defer, start, finish, progress, status) are `_Prepared`:
+built once, with bind parameters (building a Core statement per call cost ~150 µs), and on
+SQLite run on the driver's cursor (SQLAlchemy's per-execution work cost ~100 µs of ~130 µs).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import Connection
+
+from offload.errors import RunNotFoundError
+from offload.ledger.schema import attempts, runs, workers
+from offload.run import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    Attempt,
+    JSONValue,
+    Lane,
+    Progress,
+    RunState,
+    RunStatus,
+    WorkerStatus,
+)
+
+_ACTIVE = [s.value for s in ACTIVE_STATES]
+_TERMINAL = [s.value for s in TERMINAL_STATES]
+_WAITING = [RunState.PENDING.value, RunState.RETRY.value]
+
+_b = sa.bindparam
+_SQLITE = sqlite_dialect.dialect()
+_JSON_COLUMNS = frozenset(
+    c.name for t in (runs, attempts) for c in t.c if isinstance(c.type, sa.JSON)
+)
+
+
+class _Prepared:
+    """A hot-path statement, compiled once: through SQLAlchemy on PostgreSQL, and on SQLite
+    straight on the sqlite3 cursor of the same connection (so inside the same transaction).
+
+    Rows come back as named tuples; JSON columns are encoded and decoded here, as SQLAlchemy's
+    JSON type would. Statements must use plain binds (no `IN` lists: write `_one_of`).
+    """
+
+    def __init__(self, statement: Any) -> None:
+        self.statement = statement
+        compiled = statement.compile(dialect=_SQLITE)
+        self._sql = compiled.string
+        self._names = list(compiled.positiontup or ())
+        self._defaults = dict(compiled.params)
+        self._row_types: dict[tuple[str, ...], Any] = {}
+
+    def _values(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
+        values = {**self._defaults, **params}
+        return tuple(
+            json.dumps(values[name]) if name in _JSON_COLUMNS else values[name]
+            for name in self._names
+        )
+
+    def _rows(self, cursor: Any) -> list[Any]:
+        if cursor.description is None:
+            return []
+        names = tuple(d[0] for d in cursor.description)
+        row_type = self._row_types.get(names)
+        if row_type is None:
+            row_type = self._row_types[names] = collections.namedtuple("Row", names)
+        decode = [name in _JSON_COLUMNS for name in names]
+        # A JSON column has NUMERIC affinity in SQLite: a number comes back as a number.
+        return [
+            row_type(
+                *(
+                    json.loads(v) if d and isinstance(v, str) else v
+                    for v, d in zip(row, decode, strict=True)
+                )
+            )
+            for row in cursor.fetchall()
+        ]
+
+    def all(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
+        """Execute with one set of parameters; every returned row."""
+        if conn.dialect.name != "sqlite":
+            result = conn.execute(self.statement, params)
+            return list(result) if result.returns_rows else []
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(self._sql, self._values(params))
+            return self._rows(cursor)
+        finally:
+            cursor.close()
+
+    def first(self, conn: Connection, params: Mapping[str, Any]) -> Any:
+        """Execute; the first returned row, or None."""
+        rows = self.all(conn, params)
+        return rows[0] if rows else None
+
+    def many(self, conn: Connection, params: Sequence[Mapping[str, Any]]) -> None:
+        """Execute once per set of parameters (an INSERT of many rows)."""
+        if conn.dialect.name != "sqlite":
+            conn.execute(self.statement, list(params))
+            return
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.executemany(self._sql, [self._values(p) for p in params])
+        finally:
+            cursor.close()
+
+
+def _one_of(column: Any, values: Sequence[str]) -> Any:
+    """`column IN (values)` as plain binds, which a `_Prepared` statement can hold."""
+    return sa.or_(*(column == value for value in values))
+
+
+_INSERT_RUNS = _Prepared(runs.insert())
+_SELECT_RUN = _Prepared(sa.select(runs).where(runs.c.id == _b("run_id")))
+_SELECT_RUN_FOR_UPDATE = sa.select(runs).where(runs.c.id == _b("run_id")).with_for_update()
+_INSERT_ATTEMPT = _Prepared(attempts.insert())
+
+# Start an attempt of a run that is simply waiting and due: the common case, one statement.
+_CLAIM_WAITING = _Prepared(
+    runs.update()
+    .where(
+        runs.c.id == _b("run_id"),
+        _one_of(runs.c.state, _WAITING),
+        runs.c.cancel_requested == sa.false(),
+        sa.or_(runs.c.next_attempt_at.is_(None), runs.c.next_attempt_at <= _b("due")),
+    )
+    .values(
+        state=RunState.STARTED.value,
+        attempts=runs.c.attempts + 1,
+        worker=_b("worker"),
+        heartbeat_at=_b("now"),
+        attempt_started_at=_b("now"),
+        next_attempt_at=None,
+        started_at=sa.func.coalesce(runs.c.started_at, _b("now")),
+        updated_at=_b("now"),
+    )
+    .returning(runs.c.attempts, runs.c.failures, runs.c.args)
+)
+
+# End the current attempt, if it still is the current one; returns what its history row needs.
+_END_CURRENT = (
+    runs.update()
+    .where(
+        runs.c.id == _b("run_id"),
+        runs.c.attempts == _b("attempt"),
+        _one_of(runs.c.state, _ACTIVE),
+    )
+    .returning(runs.c.worker, runs.c.attempt_started_at)
+)
+
+_RECORD_PROGRESS = _Prepared(
+    runs.update()
+    .where(
+        runs.c.id == _b("run_id"),
+        runs.c.attempts == _b("attempt"),
+        _one_of(runs.c.state, _ACTIVE),
+    )
+    .values(
+        state=RunState.PROGRESS.value,
+        progress_fraction=_b("fraction"),
+        progress_message=_b("message"),
+        updated_at=_b("now"),
+    )
+)
+
+_IS_CANCEL_REQUESTED = _Prepared(
+    sa.select(runs.c.cancel_requested).where(runs.c.id == _b("run_id"))
+)
+
+
+def _dt(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """A run about to be recorded."""
+
+    id: str
+    task: str
+    lane: Lane
+    queue: str | None
+    priority: int
+    args: dict[str, JSONValue]
+    idempotency_key: str | None
+    next_attempt_at: float | None = None
+
+
+# --- deferring -------------------------------------------------------------------------------
+
+
+def insert_runs(conn: Connection, new: Sequence[NewRun], now: float) -> list[tuple[str, bool]]:
+    """Insert PENDING runs; for a known idempotency key return the existing run instead.
+
+    Returns `(run id, created)` per input, in order.
+    """
+    keyed = {(n.task, n.idempotency_key) for n in new if n.idempotency_key is not None}
+    existing: dict[tuple[str, str | None], str] = {}
+    if keyed:
+        rows = conn.execute(
+            sa.select(runs.c.task, runs.c.idempotency_key, runs.c.id).where(
+                sa.tuple_(runs.c.task, runs.c.idempotency_key).in_(list(keyed))
+            )
+        )
+        existing = {(r.task, r.idempotency_key): r.id for r in rows}
+    result: list[tuple[str, bool]] = []
+    to_insert: list[dict[str, Any]] = []
+    for n in new:
+        key = (n.task, n.idempotency_key)
+        if n.idempotency_key is not None and key in existing:
+            result.append((existing[key], False))
+            continue
+        if n.idempotency_key is not None:
+            existing[key] = n.id
+        result.append((n.id, True))
+        to_insert.append(
+            {
+                "id": n.id,
+                "task": n.task,
+                "lane": n.lane.value,
+                "queue": n.queue,
+                "priority": n.priority,
+                "state": RunState.PENDING.value,
+                "dead": False,
+                "args": n.args,
+                "attempts": 0,
+                "failures": 0,
+                "lost": 0,
+                "cancel_requested": False,
+                "idempotency_key": n.idempotency_key,
+                "next_attempt_at": n.next_attempt_at,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+    if to_insert:
+        _INSERT_RUNS.many(conn, to_insert)
+    return result
+
+
+def delete_runs(conn: Connection, run_ids: Iterable[str]) -> None:
+    """Remove runs that were never published (the broker refused them)."""
+    conn.execute(runs.delete().where(runs.c.id.in_(list(run_ids))))
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _status(row: Any) -> RunStatus:
+    progress = None
+    if row.progress_fraction is not None:
+        progress = Progress(fraction=row.progress_fraction, message=row.progress_message)
+    created = _dt(row.created_at)
+    assert created is not None
+    return RunStatus(
+        id=row.id,
+        task=row.task,
+        lane=Lane(row.lane),
+        queue=row.queue,
+        state=RunState(row.state),
+        dead=bool(row.dead),
+        progress=progress,
+        attempts=row.attempts,
+        result=row.result,
+        error=row.error,
+        created_at=created,
+        started_at=_dt(row.started_at),
+        finished_at=_dt(row.finished_at),
+    )
+
+
+def get_status(conn: Connection, run_id: str) -> RunStatus:
+    """The status of one run; `RunNotFoundError` if it does not exist."""
+    row = _SELECT_RUN.first(conn, {"run_id": run_id})
+    if row is None:
+        raise RunNotFoundError(run_id)
+    return _status(row)
+
+
+def get_attempts(conn: Connection, run_id: str) -> list[Attempt]:
+    """Every attempt of a run, oldest first, the running one (if any) last."""
+    rows = conn.execute(
+        sa.select(attempts).where(attempts.c.run_id == run_id).order_by(attempts.c.number)
+    )
+    found = [
+        Attempt(
+            number=r.number,
+            worker=r.worker,
+            started_at=_dt(r.started_at),
+            finished_at=_dt(r.finished_at),
+            outcome=r.outcome,
+            error=r.error,
+            traceback=r.traceback,
+        )
+        for r in rows
+    ]
+    run = _SELECT_RUN.first(conn, {"run_id": run_id})
+    if run is not None and run.state in _ACTIVE and run.attempt_started_at is not None:
+        found.append(
+            Attempt(
+                number=run.attempts,
+                worker=run.worker,
+                started_at=_dt(run.attempt_started_at),
+                finished_at=None,
+                outcome=None,
+                error=None,
+                traceback=None,
+            )
+        )
+    return found
+
+
+def get_message(conn: Connection, run_id: str) -> RunMessage:
+    """What a run's message carries: task, JSON arguments, queue, priority (for a replay)."""
+    row = conn.execute(
+        sa.select(runs.c.task, runs.c.args, runs.c.queue, runs.c.priority).where(
+            runs.c.id == run_id
+        )
+    ).first()
+    if row is None:
+        raise RunNotFoundError(run_id)
+    return RunMessage(run_id, row.task, row.args, row.queue, row.priority)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing, newest first; `next_cursor` is None on the last page."""
+
+    runs: list[RunStatus]
+    next_cursor: str | None
+
+
+def encode_cursor(created_at: float, run_id: str) -> str:
+    """An opaque page cursor: the position after the run created at `created_at`."""
+    return base64.urlsafe_b64encode(f"{created_at!r}|{run_id}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The position an `encode_cursor` cursor holds; `ValueError` for anything else."""
+    try:
+        created, run_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return float(created), run_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ValueError(f"cursor {cursor!r} is not one this API returned") from None
+
+
+def list_runs(
+    conn: Connection,
+    *,
+    states: Iterable[RunState] = (),
+    task: str | None = None,
+    dead: bool | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> Page:
+    """Runs newest first, filtered; pages with an opaque cursor."""
+    query = sa.select(runs)
+    state_values = [s.value for s in states]
+    if state_values:
+        query = query.where(runs.c.state.in_(state_values))
+    if task is not None:
+        query = query.where(runs.c.task == task)
+    if dead is not None:
+        query = query.where(runs.c.dead == dead)
+    if cursor is not None:
+        created, run_id = decode_cursor(cursor)
+        query = query.where(
+            sa.or_(
+                runs.c.created_at < created,
+                sa.and_(runs.c.created_at == created, runs.c.id < run_id),
+            )
+        )
+    rows = conn.execute(
+        query.order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit + 1)
+    ).all()
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
+    return Page(runs=[_status(r) for r in rows], next_cursor=next_cursor)
+
+
+def count_by_state(conn: Connection) -> dict[RunState, int]:
+    """How many runs are in each state."""
+    rows = conn.execute(sa.select(runs.c.state, sa.func.count()).group_by(runs.c.state))
+    return {RunState(state): count for state, count in rows}
+
+
+# --- running (worker side) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """This worker now runs attempt `attempt` of the run."""
+
+    attempt: int
+    failures: int
+    args: dict[str, JSONValue]
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Do not run: the run is finished, cancelled or dead. Acknowledge the message."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Park:
+    """Not yet: another live worker runs it, or its retry is not due. Look again at `until`."""
+
+    until: float
+    reason: str
+
+
+ClaimOutcome = Claimed | Skip | Park
+
+
+def claim(
+    conn: Connection,
+    *,
+    run_id: str,
+    task: str,
+    args: dict[str, JSONValue],
+    queue: str | None,
+    worker: str,
+    now: float,
+    stale_after_s: float,
+    max_lost_attempts: int,
+    is_alive: Callable[[str], bool],
+) -> ClaimOutcome:
+    """Decide whether this delivery may start a new attempt, and start it if so.
+
+    The common case, a waiting run that is due, is one statement. Otherwise: a message the
+    ledger has never seen (sent by plain Celery) gets its run created here; a run still marked
+    running is either alive elsewhere (Park) or lost: its worker stopped heart-beating or its
+    process is gone, so the attempt is recorded as lost and a new one starts, unless it was
+    lost `max_lost_attempts` times, which makes the run dead.
+    """
+    params = {"run_id": run_id, "worker": worker, "now": now, "due": now + 0.05}
+    started = _CLAIM_WAITING.first(conn, params)
+    if started is not None:
+        return Claimed(attempt=started.attempts, failures=started.failures, args=started.args)
+    row = conn.execute(_SELECT_RUN_FOR_UPDATE, {"run_id": run_id}).first()
+    if row is None:
+        insert_runs(conn, [NewRun(run_id, task, Lane.DURABLE, queue, 0, args, None)], now)
+        row = _SELECT_RUN.first(conn, {"run_id": run_id})
+    if row.state in _TERMINAL:
+        return Skip(f"already {row.state}")
+    lost = row.lost
+    if row.state in _ACTIVE:
+        owner = row.worker or "?"
+        heartbeat = row.heartbeat_at or 0.0
+        if heartbeat > now - stale_after_s and is_alive(owner):
+            return Park(heartbeat + stale_after_s, f"attempt {row.attempts} is alive on {owner}")
+        lost += 1
+        _INSERT_ATTEMPT.all(
+            conn,
+            {
+                "run_id": run_id,
+                "number": row.attempts,
+                "worker": owner,
+                "started_at": row.attempt_started_at or now,
+                "finished_at": now,
+                "outcome": "lost",
+                "error": f"WorkerLost: {owner} stopped while running this attempt",
+                "traceback": None,
+            },
+        )
+        conn.execute(runs.update().where(runs.c.id == run_id).values(lost=lost))
+        if lost >= max_lost_attempts:
+            error = (
+                f"WorkerLost: the worker died during {lost} attempts; the task probably "
+                "crashes its process (out of memory, segfault, hard timeout)"
+            )
+            _finish(conn, run_id, now, RunState.FAILURE, dead=True, error=error)
+            return Skip(error)
+    if row.cancel_requested:
+        _finish(conn, run_id, now, RunState.CANCELLED)
+        return Skip("cancelled")
+    if row.next_attempt_at is not None and row.next_attempt_at > now + 0.05:
+        return Park(row.next_attempt_at, "not due yet")
+    # A lost attempt's run, or one created above: start it like a waiting one.
+    conn.execute(runs.update().where(runs.c.id == run_id).values(state=RunState.PENDING.value))
+    started = _CLAIM_WAITING.first(conn, params)
+    return Claimed(attempt=started.attempts, failures=started.failures, args=started.args)
+
+
+def _finish(
+    conn: Connection,
+    run_id: str,
+    now: float,
+    state: RunState,
+    *,
+    dead: bool = False,
+    error: str | None = None,
+    **values: Any,
+) -> None:
+    conn.execute(
+        runs.update()
+        .where(runs.c.id == run_id)
+        .values(
+            state=state.value,
+            dead=dead,
+            error=error,
+            finished_at=now,
+            updated_at=now,
+            heartbeat_at=None,
+            next_attempt_at=None,
+            **values,
+        )
+    )
+
+
+_ENDED: dict[str, Any] = {"updated_at": _b("now"), "heartbeat_at": None}
+_FINISHED = {**_ENDED, "finished_at": _b("now"), "next_attempt_at": None}
+_END_SUCCESS = _Prepared(
+    _END_CURRENT.values(state=RunState.SUCCESS.value, result=_b("result"), error=None, **_FINISHED)
+)
+_END_CANCELLED = _Prepared(_END_CURRENT.values(state=RunState.CANCELLED.value, **_FINISHED))
+_END_DEAD = _Prepared(
+    _END_CURRENT.values(
+        state=RunState.FAILURE.value,
+        dead=True,
+        error=_b("error"),
+        failures=runs.c.failures + 1,
+        **_FINISHED,
+    )
+)
+_END_RETRY = _Prepared(
+    _END_CURRENT.values(
+        state=RunState.RETRY.value,
+        error=_b("error"),
+        failures=runs.c.failures + 1,
+        next_attempt_at=_b("retry_at"),
+        **_ENDED,
+    )
+)
+
+
+def _end_attempt(
+    conn: Connection,
+    statement: _Prepared,
+    params: dict[str, Any],
+    outcome: str,
+    error: str | None = None,
+    traceback: str | None = None,
+) -> bool:
+    """Move the run on with `statement` and write the attempt's history row, in one go.
+
+    False (and nothing written) if this attempt is no longer the run's current one: it was
+    declared lost while it ran.
+    """
+    ended = statement.first(conn, params)
+    if ended is None:
+        return False
+    _INSERT_ATTEMPT.all(
+        conn,
+        {
+            "run_id": params["run_id"],
+            "number": params["attempt"],
+            "worker": ended.worker,
+            "started_at": ended.attempt_started_at or params["now"],
+            "finished_at": params["now"],
+            "outcome": outcome,
+            "error": error,
+            "traceback": traceback,
+        },
+    )
+    return True
+
+
+def finish_success(
+    conn: Connection, run_id: str, attempt: int, result: JSONValue, now: float
+) -> bool:
+    """SUCCESS with the result. False if the attempt had been declared lost meanwhile."""
+    params = {"run_id": run_id, "attempt": attempt, "now": now, "result": result}
+    return _end_attempt(conn, _END_SUCCESS, params, "success")
+
+
+def finish_cancelled(conn: Connection, run_id: str, attempt: int, now: float) -> bool:
+    """CANCELLED: the task saw `ctx.cancelled` and stopped."""
+    params = {"run_id": run_id, "attempt": attempt, "now": now}
+    return _end_attempt(conn, _END_CANCELLED, params, "cancelled")
+
+
+def finish_failure(
+    conn: Connection,
+    run_id: str,
+    attempt: int,
+    now: float,
+    *,
+    outcome: str,
+    error: str,
+    traceback: str | None,
+    retry_at: float | None,
+) -> bool:
+    """A failed attempt: RETRY due at `retry_at`, or FAILURE and dead when `retry_at` is None."""
+    params: dict[str, Any] = {"run_id": run_id, "attempt": attempt, "now": now, "error": error}
+    if retry_at is None:
+        return _end_attempt(conn, _END_DEAD, params, outcome, error, traceback)
+    params["retry_at"] = retry_at
+    return _end_attempt(conn, _END_RETRY, params, outcome, error, traceback)
+
+
+def bury(
+    conn: Connection,
+    *,
+    run_id: str,
+    task: str,
+    args: dict[str, JSONValue],
+    queue: str | None,
+    reason: str,
+    now: float,
+) -> None:
+    """Make a run whose message can never run (poison) dead, with the reason.
+
+    A message the ledger never saw (garbage, or sent by something else) gets a dead run of its
+    own, so that every poison message is visible in one place. A finished run is left alone.
+    """
+    row = conn.execute(_SELECT_RUN_FOR_UPDATE, {"run_id": run_id}).first()
+    if row is None:
+        insert_runs(conn, [NewRun(run_id, task, Lane.DURABLE, queue, 0, args, None)], now)
+    elif row.state in _TERMINAL:
+        return
+    _finish(conn, run_id, now, RunState.FAILURE, dead=True, error=reason)
+
+
+def record_progress(
+    conn: Connection, run_id: str, attempt: int, fraction: float, message: str | None, now: float
+) -> None:
+    """PROGRESS with the latest fraction and message, for the current attempt only."""
+    _RECORD_PROGRESS.all(
+        conn,
+        {
+            "run_id": run_id,
+            "attempt": attempt,
+            "fraction": fraction,
+            "message": None if message is None else message[:500],
+            "now": now,
+        },
+    )
+
+
+def heartbeat(conn: Connection, run_ids: Sequence[str], now: float) -> None:
+    """Mark running attempts alive."""
+    conn.execute(
+        runs.update()
+        .where(runs.c.id.in_(list(run_ids)), runs.c.state.in_(_ACTIVE))
+        .values(heartbeat_at=now)
+    )
+
+
+def is_cancel_requested(conn: Connection, run_id: str) -> bool:
+    """True once `cancel()` asked this run to stop."""
+    row = _IS_CANCEL_REQUESTED.first(conn, {"run_id": run_id})
+    return bool(row and row.cancel_requested)
+
+
+@dataclass(frozen=True)
+class RunMessage:
+    """What a run's broker message carries: enough to publish it (again)."""
+
+    id: str
+    task: str
+    args: dict[str, JSONValue]
+    queue: str | None
+    priority: int
+
+
+def take_orphans(conn: Connection, now: float, older_than_s: float, limit: int) -> list[RunMessage]:
+    """Waiting runs due for `older_than_s` that nothing touched since; marked as taken.
+
+    A broker can lose a message (Redis without persistence restarting; kombu popping a
+    message and dying before it records it as unacknowledged). The ledger still knows the
+    run, and one more message is harmless: a delivery of a run that already started or
+    finished is parked or skipped. Taking a run stamps it, so that concurrent sweepers (and
+    the next sweep) leave it alone for another `older_than_s`.
+    """
+    cutoff = now - older_than_s
+    taken = (
+        sa.select(runs.c.id)
+        .where(
+            runs.c.state.in_(_WAITING),
+            runs.c.lane == Lane.DURABLE.value,
+            runs.c.updated_at < cutoff,
+            sa.func.coalesce(runs.c.next_attempt_at, 0.0) < cutoff,
+        )
+        .order_by(runs.c.updated_at)
+        .limit(limit)
+    )
+    rows = conn.execute(
+        runs.update()
+        .where(runs.c.id.in_(taken.scalar_subquery()), runs.c.updated_at < cutoff)
+        .values(updated_at=now)
+        .returning(runs.c.id, runs.c.task, runs.c.args, runs.c.queue, runs.c.priority)
+    )
+    return [RunMessage(r.id, r.task, r.args, r.queue, r.priority) for r in rows]
+
+
+def cancel_requested_among(conn: Connection, run_ids: Sequence[str]) -> list[str]:
+    """Which of these running runs someone asked to cancel."""
+    rows = conn.execute(
+        sa.select(runs.c.id).where(runs.c.id.in_(list(run_ids)), runs.c.cancel_requested)
+    )
+    return [row.id for row in rows]
+
+
+def request_cancel(conn: Connection, run_id: str, now: float) -> RunStatus:
+    """Cancel a waiting run at once; flag a running one; leave a finished one alone."""
+    row = conn.execute(sa.select(runs.c.state).where(runs.c.id == run_id).with_for_update()).first()
+    if row is None:
+        raise RunNotFoundError(run_id)
+    if row.state in (RunState.PENDING.value, RunState.RETRY.value):
+        _finish(conn, run_id, now, RunState.CANCELLED, cancel_requested=True)
+    elif row.state in _ACTIVE:
+        conn.execute(
+            runs.update().where(runs.c.id == run_id).values(cancel_requested=True, updated_at=now)
+        )
+    return get_status(conn, run_id)
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+
+def report_worker(
+    conn: Connection,
+    *,
+    worker_id: str,
+    name: str,
+    queues: Sequence[str],
+    pool: str,
+    concurrency: int,
+    running: int,
+    started_at: float,
+    now: float,
+) -> None:
+    """Record that a worker process is alive (insert it the first time)."""
+    values = {
+        "name": name,
+        "queues": ",".join(queues),
+        "pool": pool,
+        "concurrency": concurrency,
+        "running": running,
+        "heartbeat_at": now,
+    }
+    updated = conn.execute(workers.update().where(workers.c.id == worker_id).values(**values))
+    if updated.rowcount == 0:
+        conn.execute(workers.insert().values(id=worker_id, started_at=started_at, **values))
+
+
+def forget_worker(conn: Connection, worker_id: str) -> None:
+    """A worker that stopped cleanly leaves the list."""
+    conn.execute(workers.delete().where(workers.c.id == worker_id))
+
+
+def list_workers(
+    conn: Connection, now: float, stale_after_s: float, keep_dead_s: float = 3600.0
+) -> list[WorkerStatus]:
+    """Workers that reported within `keep_dead_s`, newest first; older rows are removed."""
+    conn.execute(workers.delete().where(workers.c.heartbeat_at < now - keep_dead_s))
+    rows = conn.execute(sa.select(workers).order_by(workers.c.started_at.desc()))
+    found = []
+    for row in rows:
+        found.append(
+            WorkerStatus(
+                id=row.id,
+                name=row.name,
+                queues=row.queues.split(",") if row.queues else [],
+                pool=row.pool,
+                concurrency=row.concurrency,
+                running=row.running,
+                started_at=datetime.fromtimestamp(row.started_at, UTC),
+                heartbeat_at=datetime.fromtimestamp(row.heartbeat_at, UTC),
+                alive=row.heartbeat_at >= now - stale_after_s,
+            )
+        )
+    return found

@@ -1,0 +1,96 @@
+"""The ledger's tables. Every timestamp is seconds since the epoch (UTC) as a float.
+
+Floats keep comparisons (heartbeats, due times) cheap and identical on SQLite and PostgreSQL;
+`queries.py` turns them into aware datetimes at the boundary.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+SCHEMA_VERSION = 1
+"""Bump with a migration in `migrations.py` whenever a table below changes."""
+
+metadata = sa.MetaData()
+
+meta = sa.Table(
+    "offload_meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(200), nullable=False),
+)
+
+runs = sa.Table(
+    "offload_runs",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("task", sa.String(200), nullable=False),
+    sa.Column("lane", sa.String(16), nullable=False),
+    sa.Column("queue", sa.String(200)),
+    sa.Column("priority", sa.Integer, nullable=False, default=0),
+    sa.Column("state", sa.String(16), nullable=False),
+    # FAILURE runs that used their last try: the dead-letter queue is `WHERE dead`.
+    sa.Column("dead", sa.Boolean, nullable=False, default=False),
+    sa.Column("args", sa.JSON, nullable=False),
+    sa.Column("result", sa.JSON),
+    sa.Column("error", sa.Text),
+    sa.Column("progress_fraction", sa.Float),
+    sa.Column("progress_message", sa.String(500)),
+    # attempts = tries started; failures = tries that raised or timed out (count against
+    # retries); lost = tries whose worker died (count against max_lost_attempts).
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("failures", sa.Integer, nullable=False, default=0),
+    sa.Column("lost", sa.Integer, nullable=False, default=0),
+    sa.Column("idempotency_key", sa.String(200)),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    # The current attempt: host:pid:process-start of the process running it, when it
+    # started, and when its worker last said it is alive. Its `offload_attempts` row is
+    # written when it ends (or is found lost), so that starting costs one statement.
+    sa.Column("worker", sa.String(200)),
+    sa.Column("attempt_started_at", sa.Float),
+    sa.Column("heartbeat_at", sa.Float),
+    sa.Column("next_attempt_at", sa.Float),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("task", "idempotency_key", name="uq_offload_runs_idempotency"),
+)
+sa.Index("ix_offload_runs_created", runs.c.created_at, runs.c.id)
+sa.Index("ix_offload_runs_state", runs.c.state, runs.c.created_at)
+sa.Index("ix_offload_runs_task", runs.c.task, runs.c.created_at)
+
+attempts = sa.Table(
+    "offload_attempts",
+    metadata,
+    sa.Column(
+        "run_id",
+        sa.String(64),
+        sa.ForeignKey("offload_runs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("number", sa.Integer, primary_key=True),
+    sa.Column("worker", sa.String(200)),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+    # success | error | timeout | lost | cancelled; NULL while running
+    sa.Column("outcome", sa.String(16)),
+    sa.Column("error", sa.Text),
+    sa.Column("traceback", sa.Text),
+)
+
+# The workers that are (or were lately) running: a row per consumer process, refreshed with
+# its heartbeat. Worker status comes from here, not from Celery's remote control, which the
+# SQLite broker cannot carry; it reads the same on every broker.
+workers = sa.Table(
+    "offload_workers",
+    metadata,
+    sa.Column("id", sa.String(200), primary_key=True),  # host:pid:process-start
+    sa.Column("name", sa.String(200), nullable=False),  # Celery's node name
+    sa.Column("queues", sa.String(1000), nullable=False),
+    sa.Column("pool", sa.String(32), nullable=False),
+    sa.Column("concurrency", sa.Integer, nullable=False),
+    sa.Column("running", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+)

@@ -1,0 +1,79 @@
+"""Prometheus collectors, all named `offload_*`. prometheus_client enters offload here only.
+
+Label values come from bounded sets (task names, lanes, states); a run id is never a label.
+Serve them with prometheus_client's ASGI app: `app.mount("/metrics", offload.metrics_app())`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, make_asgi_app
+
+RUNS = Counter(
+    "offload_runs",
+    "Runs that reached a terminal state, by task, lane and state.",
+    ["task", "lane", "state"],
+)
+RUN_DURATION = Histogram(
+    "offload_run_duration_seconds",
+    "Wall time of one attempt, from its start to its end.",
+    ["task", "lane"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+INLINE_RETRIES = Counter(
+    "offload_inline_retries", "Inline attempts that failed and were tried again.", ["task"]
+)
+INLINE_SPILLED = Counter(
+    "offload_inline_spilled",
+    "Inline runs handed to the durable lane (reason: full or shutdown).",
+    ["task", "reason"],
+)
+INLINE_REJECTED = Counter(
+    "offload_inline_rejected",
+    "defer() calls refused with LaneFullError (backlog full or lane stopping).",
+    ["task"],
+)
+INLINE_DROPPED = Counter(
+    "offload_inline_dropped",
+    "Inline runs ended unfinished at shutdown (logged by name).",
+    ["task"],
+)
+INLINE_RUNNING = Gauge("offload_inline_running", "Inline runs running now.")
+INLINE_WAITING = Gauge("offload_inline_waiting", "Inline runs waiting for a slot now.")
+LOOP_BLOCKED = Counter(
+    "offload_event_loop_blocked",
+    "Times the event loop was blocked longer than the guard's threshold.",
+)
+LOOP_BLOCKED_SECONDS = Histogram(
+    "offload_event_loop_blocked_seconds",
+    "How long each blocking episode of the event loop lasted.",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+LOOP_LAG = Gauge("offload_event_loop_lag_seconds", "The event loop's latest measured lag.")
+
+
+class RunMetrics:
+    """Label children cached per (task, lane, state): a label lookup takes a lock each time."""
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple[str, str, str], Any] = {}
+        self._durations: dict[tuple[str, str], Any] = {}
+
+    def finished(self, task: str, lane: str, state: str, duration_s: float | None) -> None:
+        """Count one run that reached `state`; observe its attempt's duration if it ran."""
+        key = (task, lane, state)
+        child = self._runs.get(key)
+        if child is None:
+            child = self._runs[key] = RUNS.labels(task, lane, state)
+        child.inc()
+        if duration_s is not None:
+            timing = self._durations.get((task, lane))
+            if timing is None:
+                timing = self._durations[(task, lane)] = RUN_DURATION.labels(task, lane)
+            timing.observe(duration_s)
+
+
+def metrics_app() -> Any:
+    """An ASGI app serving every collector in Prometheus' text format (mount it anywhere)."""
+    return make_asgi_app()

@@ -1,0 +1,200 @@
+"""Runs: their states, the one `RunStatus` schema everything reports, and `RunHandle`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from offload.errors import ResultTimeoutError, RunFailedError
+
+if TYPE_CHECKING:
+    from offload.app import Offload
+
+R = TypeVar("R")
+
+JSONValue = Any
+"""A value that travels as JSON: arguments, results and progress payloads."""
+
+
+class RunState(StrEnum):
+    """Where a run is in its life. `dead` is a flag on FAILURE runs that used their last try."""
+
+    PENDING = "PENDING"  #: deferred, waiting for a worker (or for its eta)
+    STARTED = "STARTED"  #: a worker is running an attempt
+    PROGRESS = "PROGRESS"  #: running, and the task reported progress
+    RETRY = "RETRY"  #: an attempt failed; another one is scheduled
+    SUCCESS = "SUCCESS"  #: finished; `result` holds the return value
+    FAILURE = "FAILURE"  #: finished with an error; no attempt is left
+    CANCELLED = "CANCELLED"  #: cancelled before or while running
+
+
+TERMINAL_STATES = frozenset({RunState.SUCCESS, RunState.FAILURE, RunState.CANCELLED})
+ACTIVE_STATES = frozenset({RunState.STARTED, RunState.PROGRESS})
+WAITING_STATES = frozenset({RunState.PENDING, RunState.RETRY})
+
+
+class Lane(StrEnum):
+    """Where a task runs."""
+
+    INLINE = "inline"  #: in the API process, after the response
+    DURABLE = "durable"  #: persisted in the broker, run by worker processes
+
+
+class Progress(BaseModel):
+    """What a running task last reported through `ctx.progress()`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    fraction: float
+    message: str | None = None
+
+
+class Attempt(BaseModel):
+    """One try at running a run: when, where, and how it ended."""
+
+    model_config = ConfigDict(frozen=True)
+
+    number: int
+    worker: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str | None  #: success, error, timeout, lost, cancelled; None while running
+    error: str | None
+    traceback: str | None
+
+
+class WorkerStatus(BaseModel):
+    """A worker process, as it last reported itself to the ledger."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str  #: host:pid:process-start
+    name: str
+    queues: list[str]
+    pool: str
+    concurrency: int
+    running: int  #: runs it was executing at its last heartbeat
+    started_at: datetime
+    heartbeat_at: datetime
+    alive: bool  #: heart-beat within `stale_after_s`
+
+
+class RunStatus(BaseModel):
+    """The state of one run, as the status API, SSE, the dashboard and the CLI report it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    task: str
+    lane: Lane
+    queue: str | None
+    state: RunState
+    dead: bool
+    progress: Progress | None
+    attempts: int
+    result: JSONValue
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the run can no longer change (SUCCESS, FAILURE or CANCELLED)."""
+        return self.state in TERMINAL_STATES
+
+
+class RunHandle(Generic[R]):
+    """An id plus a way to ask about it. Holds no state: every call asks the app.
+
+    The app answers from the inline lane's memory for inline runs, from the ledger otherwise.
+
+    ```python
+    run = await render_report.defer(user_id=7, kind="pdf")
+    status = await run.status()          # RunStatus
+    path = await run.result(timeout=60)  # raises RunFailedError / ResultTimeoutError
+    ```
+    """
+
+    __slots__ = ("_app", "id")
+
+    def __init__(self, app: Offload, run_id: str) -> None:
+        self._app = app
+        self.id = run_id
+
+    def __repr__(self) -> str:
+        return f"RunHandle({self.id!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunHandle) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def status_sync(self) -> RunStatus:
+        """The run's current status. Raises `RunNotFoundError` for an unknown id."""
+        return self._app.status_sync(self.id)
+
+    async def status(self) -> RunStatus:
+        """The run's current status. Raises `RunNotFoundError` for an unknown id."""
+        return await self._app.status(self.id)
+
+    def result_sync(self, timeout: float | None = None) -> R:
+        """Wait for the run to finish and return its result (typed by the task's return type).
+
+        Raises `RunFailedError` if it ended in FAILURE or CANCELLED, `ResultTimeoutError`
+        after `timeout` seconds (None waits forever), `RunNotFoundError` for an unknown id.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            status = self.status_sync()
+            if status.is_terminal:
+                return self._outcome(status)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise ResultTimeoutError(
+                    f"Run {self.id} of {status.task!r} is still {status.state} after {timeout}s"
+                )
+            time.sleep(pause if remaining is None else min(pause, remaining))
+            pause = min(pause * 1.5, 0.2)
+
+    async def result(self, timeout: float | None = None) -> R:  # noqa: ASYNC109 - API shape
+        """Async twin of `result_sync()`; polls without blocking the event loop."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            status = await self.status()
+            if status.is_terminal:
+                return self._outcome(status)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise ResultTimeoutError(
+                    f"Run {self.id} of {status.task!r} is still {status.state} after {timeout}s"
+                )
+            await asyncio.sleep(pause if remaining is None else min(pause, remaining))
+            pause = min(pause * 1.5, 0.2)
+
+    def cancel_sync(self) -> RunStatus:
+        """Cancel the run: at once if it waits, by asking the task (`ctx.cancelled`) if it runs.
+
+        Returns the status after the request; a finished run is left as it is.
+        """
+        return self._app.cancel_sync(self.id)
+
+    async def cancel(self) -> RunStatus:
+        """Async twin of `cancel_sync()`."""
+        return await self._app.cancel(self.id)
+
+    def _outcome(self, status: RunStatus) -> R:
+        if status.state is RunState.SUCCESS:
+            result: R = self._app.decode_result(status.task, status.result)
+            return result
+        raise RunFailedError(
+            self.id, status.task, status.state, status.error, self._app.last_traceback(self.id)
+        )

@@ -1,0 +1,1 @@
+"""offload's HTTP surface: the status API (`api.py`)."""

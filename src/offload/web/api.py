@@ -1,0 +1,175 @@
+"""The status API: one `RunStatus` schema for inline and durable runs.
+
+| route | answers |
+|---|---|
+| `GET {prefix}` | runs newest first: `?state=&task=&limit=&cursor=` (opaque cursor) |
+| `GET {prefix}/{id}` | one run's `RunStatus`; 404 for an unknown id (never a made-up PENDING) |
+| `GET {prefix}/{id}/events` | Server-Sent Events: a `status` event per change, until done |
+| `POST {prefix}/{id}/cancel` | cancel a waiting run, ask a running one to stop |
+
+Mount it with a prefix: `app.include_router(jobs.router, prefix="/tasks")`. Every route asks
+`authorize(request, run, action)` (action `"read"` or `"cancel"`); a run the caller may not see
+answers 404 like an unknown one, so ids of other users' runs cannot be probed. The default
+allows loopback callers only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from offload.errors import RunNotFoundError
+from offload.ledger import queries
+from offload.run import Lane, RunState, RunStatus
+
+if TYPE_CHECKING:
+    from offload.app import Offload
+
+Action = Literal["read", "cancel"]
+Authorize = Callable[[Request, RunStatus, Action], bool | Awaitable[bool]]
+"""`authorize(request, run, action) -> bool` (or an awaitable of one)."""
+
+INLINE_POLL_S = 0.1
+LEDGER_POLL_S = 0.2
+KEEPALIVE_S = 15.0
+
+
+class RunPage(BaseModel):
+    """One page of `GET {prefix}`: runs newest first; pass `next_cursor` back for more."""
+
+    runs: list[RunStatus]
+    next_cursor: str | None
+
+
+def loopback_only(request: Request, _run: RunStatus, _action: Action) -> bool:
+    """The default `authorize`: callers on this machine only."""
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _not_found(run_id: str) -> HTTPException:
+    return HTTPException(404, detail=str(RunNotFoundError(run_id)))
+
+
+def build_router(jobs: Offload, authorize: Authorize | None = None) -> APIRouter:
+    """The status API of `jobs`; see the module docstring."""
+    decide = authorize or loopback_only
+    router = APIRouter(tags=["offload runs"])
+
+    async def allowed(request: Request, status: RunStatus, action: Action) -> bool:
+        verdict = decide(request, status, action)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        return bool(verdict)
+
+    async def visible(request: Request, run_id: str, action: Action) -> RunStatus:
+        try:
+            status = await jobs.status(run_id)
+        except RunNotFoundError:
+            raise _not_found(run_id) from None
+        if not await allowed(request, status, action):
+            raise _not_found(run_id)
+        return status
+
+    @router.get("", response_model=RunPage, summary="List runs, newest first")
+    async def list_runs(
+        request: Request,
+        state: Annotated[list[RunState] | None, Query()] = None,
+        task: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: str | None = None,
+    ) -> RunPage:
+        states = state or []
+        try:
+            after = queries.decode_cursor(cursor) if cursor else None
+            page = await jobs.to_thread(
+                jobs.ledger.read,
+                lambda conn: queries.list_runs(
+                    conn, states=states, task=task, limit=limit, cursor=cursor
+                ),
+            )
+        except ValueError as exc:
+            raise HTTPException(400, detail=str(exc)) from None
+        # Inline runs live in this process's memory; they merge into the same order.
+        inline = [
+            s
+            for s in jobs.inline.list_runs()
+            if (not states or s.state in states)
+            and (task is None or s.task == task)
+            and (after is None or (s.created_at.timestamp(), s.id) < after)
+        ]
+        merged = sorted(
+            [*page.runs, *inline[: limit + 1]],
+            key=lambda s: (s.created_at.timestamp(), s.id),
+            reverse=True,
+        )
+        runs = merged[:limit]
+        more = page.next_cursor is not None or len(merged) > limit
+        next_cursor = None
+        if more and runs:
+            last = runs[-1]
+            next_cursor = queries.encode_cursor(last.created_at.timestamp(), last.id)
+        shown = [s for s in runs if await allowed(request, s, "read")]
+        return RunPage(runs=shown, next_cursor=next_cursor)
+
+    @router.get("/{run_id}", response_model=RunStatus, summary="One run's status")
+    async def get_run(request: Request, run_id: str) -> RunStatus:
+        return await visible(request, run_id, "read")
+
+    @router.post("/{run_id}/cancel", response_model=RunStatus, summary="Cancel a run")
+    async def cancel_run(request: Request, run_id: str) -> RunStatus:
+        await visible(request, run_id, "cancel")
+        try:
+            return await jobs.cancel(run_id)
+        except RunNotFoundError:
+            raise _not_found(run_id) from None
+
+    @router.get(
+        "/{run_id}/events",
+        summary="Server-Sent Events: the run's status on every change",
+        response_class=StreamingResponse,
+    )
+    async def run_events(request: Request, run_id: str) -> StreamingResponse:
+        first = await visible(request, run_id, "read")
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(
+            _events(jobs, run_id, first), media_type="text/event-stream", headers=headers
+        )
+
+    return router
+
+
+async def _events(jobs: Offload, run_id: str, status: RunStatus) -> AsyncIterator[str]:
+    """A `status` event whenever the run changes, until it finishes or the lane stops."""
+    poll_s = INLINE_POLL_S if status.lane is Lane.INLINE else LEDGER_POLL_S
+    last = ""
+    quiet_since = time.monotonic()
+    number = 0
+    while True:
+        body = status.model_dump_json()
+        if body != last:
+            number += 1
+            yield f"event: status\nid: {number}\ndata: {body}\n\n"
+            last = body
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            quiet_since = time.monotonic()
+        if status.is_terminal or jobs.inline.is_stopping:
+            return
+        await asyncio.sleep(poll_s)
+        try:
+            status = await jobs.status(run_id)
+        except RunNotFoundError:
+            return  # forgotten (an old inline run) or spilled to another process's view

@@ -1,0 +1,308 @@
+"""Worker processes: the supervisor behind `offload worker` and `offload serve`.
+
+The supervisor starts Celery workers as child processes and starts them again when they die
+(a hard timeout ends its process on purpose): `worker_processes` consumers with a thread pool
+for I/O tasks, and one prefork consumer for `cpu_bound` tasks. Several single-threaded
+consumers drain more runs per second than one prefork parent, which does every broker round
+trip itself (`shared/notes/celery-tuning.md`: ~650/s for one consumer, ~1,300/s for two).
+
+`low_priority` makes the workers yield the CPU to the API process on the same machine:
+their own scheduling group (session autogroup, nice 19) and the idle scheduling policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import importlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, ModuleType
+from typing import IO, Any
+
+from offload.app import Offload
+from offload.errors import ConfigurationError
+
+logger = logging.getLogger("offload.worker")
+
+RESTART_PAUSE_S = 1.0
+
+
+def load_offload(spec: str) -> Offload:
+    """Import `module:attribute` (or `module`, holding exactly one Offload) and return it."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name:
+        raise ConfigurationError(f"{spec!r} is not MODULE:ATTRIBUTE; example: myapp.main:jobs")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigurationError(
+                f"Cannot import {module_name!r} ({exc}); run from the directory that holds it"
+            ) from exc
+        raise
+    if attribute:
+        found: Any = module
+        for part in attribute.split("."):
+            found = getattr(found, part, None)
+        if isinstance(found, Offload):
+            return found
+        return _only_offload(module, spec)
+    return _only_offload(module, spec)
+
+
+def _only_offload(module: ModuleType, spec: str) -> Offload:
+    found = {id(v): v for v in vars(module).values() if isinstance(v, Offload)}
+    if len(found) != 1:
+        raise ConfigurationError(
+            f"{spec!r}: expected one Offload instance in {module.__name__}, found {len(found)}; "
+            "name it explicitly, e.g. myapp.main:jobs"
+        )
+    return next(iter(found.values()))
+
+
+def lower_priority() -> None:
+    """Yield the CPU to other processes: own autogroup at nice 19, nice 19, SCHED_IDLE.
+
+    Call in a process started in its own session. Linux-only parts fail quietly elsewhere.
+    """
+    with contextlib.suppress(OSError):
+        # The autogroup is what the kernel shares CPU between; nice alone only weighs tasks
+        # inside the group.
+        Path("/proc/self/autogroup").write_text("19")
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    if hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this process when its parent dies (no orphans)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def run_celery_worker(
+    spec: str,
+    *,
+    pool: str,
+    concurrency: int,
+    queues: Sequence[str],
+    hostname: str,
+    loglevel: str = "WARNING",
+    low_priority: bool = False,
+) -> None:
+    """Run one Celery worker for the Offload at `spec` in this process (blocks)."""
+    _die_with_parent()
+    if low_priority:
+        lower_priority()
+    jobs = load_offload(spec)
+    argv = [
+        "worker",
+        f"--pool={pool}",
+        f"--concurrency={concurrency}",
+        f"--queues={','.join(queues)}",
+        f"--hostname={hostname}",
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    jobs.celery.worker_main(argv)
+
+
+@dataclass
+class _Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+
+
+class Supervisor:
+    """Starts the worker processes for one Offload and keeps them running until stopped."""
+
+    def __init__(
+        self,
+        spec: str,
+        jobs: Offload,
+        *,
+        queues: Sequence[str] | None = None,
+        loglevel: str = "WARNING",
+        low_priority: bool = False,
+        shutdown_timeout_s: float = 30.0,
+        stdout: IO[bytes] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.jobs = jobs
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.stdout = stdout
+        self._stopping = False
+        settings = jobs.settings
+        io_queues = jobs.durable.queues(cpu_bound=False)
+        cpu_queues = jobs.durable.queues(cpu_bound=True)
+        if queues:
+            wanted = set(queues)
+            io_queues = [q for q in io_queues if q in wanted]
+            cpu_queues = [q for q in cpu_queues if q.removesuffix(".cpu") in wanted or q in wanted]
+        common = [f"--loglevel={loglevel}"] + (["--low-priority"] if low_priority else [])
+        self.children: list[_Child] = []
+        for index in range(settings.worker_processes if io_queues else 0):
+            self.children.append(
+                _Child(
+                    f"io{index}",
+                    self._argv("threads", settings.worker_threads, io_queues, f"io{index}", common),
+                )
+            )
+        if cpu_queues:
+            self.children.append(
+                _Child(
+                    "cpu",
+                    self._argv("prefork", settings.worker_cpu_processes, cpu_queues, "cpu", common),
+                )
+            )
+        if not self.children:
+            raise ConfigurationError(f"{spec}: no queue to consume (queues={list(queues or [])})")
+
+    def _argv(
+        self, pool: str, concurrency: int, queues: list[str], name: str, common: list[str]
+    ) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "offload.worker",
+            self.spec,
+            f"--pool={pool}",
+            f"--concurrency={concurrency}",
+            f"--queues={','.join(queues)}",
+            f"--hostname={name}-{os.getpid()}@%h",
+            *common,
+        ]
+
+    def start(self) -> None:
+        """Start every worker process."""
+        for child in self.children:
+            self._spawn(child)
+
+    def _spawn(self, child: _Child) -> None:
+        env = {**os.environ, **self.jobs.settings.as_env()}
+        child.process = subprocess.Popen(
+            child.argv, env=env, start_new_session=True, stdout=self.stdout, stderr=self.stdout
+        )
+        logger.info("worker %s started (pid %d)", child.name, child.process.pid)
+
+    def poll(self) -> None:
+        """Start again every worker process that exited while we are not stopping."""
+        for child in self.children:
+            process = child.process
+            if self._stopping or process is None or process.poll() is None:
+                continue
+            child.restarts += 1
+            logger.warning(
+                "worker %s (pid %d) exited with %s; starting it again",
+                child.name,
+                process.pid,
+                process.returncode,
+            )
+            self._spawn(child)
+
+    def stop(self) -> None:
+        """Warm shutdown: SIGTERM, wait up to `shutdown_timeout_s`, then SIGKILL."""
+        self._stopping = True
+        running = [c.process for c in self.children if c.process and c.process.poll() is None]
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.shutdown_timeout_s
+        for process in running:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning(
+                    "worker pid %d did not stop in %.0fs; killing it (its runs will "
+                    "be delivered again)",
+                    process.pid,
+                    self.shutdown_timeout_s,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def run_forever(self) -> int:
+        """Start, keep alive until SIGTERM or SIGINT, then stop. Returns an exit status."""
+        received: list[int] = []
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            received.append(signum)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not received:
+                time.sleep(0.2)
+                self.poll()
+        finally:
+            self.stop()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return 0
+
+
+@contextlib.contextmanager
+def embedded_worker_lock(data_dir: Path) -> Any:
+    """Hold `data_dir/embedded-worker.lock`; yields False if another process holds it.
+
+    Several `offload serve` processes (or uvicorn reloads) on one data directory then start
+    one embedded worker between them, not one each.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "embedded-worker.lock", "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _main(argv: Sequence[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m offload.worker")
+    parser.add_argument("spec")
+    parser.add_argument("--pool", required=True)
+    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--queues", required=True)
+    parser.add_argument("--hostname", required=True)
+    parser.add_argument("--loglevel", default="WARNING")
+    parser.add_argument("--low-priority", action="store_true")
+    args = parser.parse_args(argv)
+    run_celery_worker(
+        args.spec,
+        pool=args.pool,
+        concurrency=args.concurrency,
+        queues=args.queues.split(","),
+        hostname=args.hostname,
+        loglevel=args.loglevel,
+        low_priority=args.low_priority,
+    )
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -1,0 +1,229 @@
+"""Test support: real services, each test's own slice of them, and real worker processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (right now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def reachable(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
+def require(service: str, host: str, port: int) -> None:
+    """Skip locally, fail under CI=true, when a service the test needs is down."""
+    if reachable(host, port):
+        return
+    message = f"{service} is not reachable on {host}:{port}; start it (see .ci/run)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+# offload's tests use Redis database 2 under a key prefix of their own (kombu's
+# `global_keyprefix`), and delete their keys afterwards: two test sessions on one machine never
+# see each other's keys, and nothing else on the shared server is touched.
+REDIS_TEST_DB = 2
+
+
+@contextlib.contextmanager
+def redis_prefix() -> Iterator[tuple[str, dict[str, Any]]]:
+    """A Redis URL and transport options that confine the caller to a key prefix of its own."""
+    import redis
+
+    require("Redis", REDIS_HOST, REDIS_PORT)
+    prefix = f"offload-test-{uuid.uuid4().hex[:12]}:"
+    try:
+        yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_TEST_DB}", {"global_keyprefix": prefix}
+    finally:
+        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_TEST_DB)
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def rabbitmq_vhost() -> Iterator[str]:
+    """An AMQP URL on a fresh RabbitMQ vhost of this test's own, deleted afterwards."""
+    require("RabbitMQ", RABBIT_HOST, RABBIT_PORT)
+    vhost = f"offload-test-{uuid.uuid4().hex[:10]}"
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@{RABBIT_HOST}:{RABBIT_PORT}/{vhost}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A PostgreSQL URL on a fresh database of this test's own, dropped afterwards."""
+    import psycopg
+
+    require("PostgreSQL", "127.0.0.1", 5432)
+    name = f"offload_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass(frozen=True)
+class Broker:
+    """A broker that belongs to one test: its URL and the transport options that confine it."""
+
+    url: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def broker_of(kind: str, data_dir: Path) -> Iterator[Broker]:
+    """A broker of `kind` (sqlite, redis, rabbitmq) that belongs to the caller."""
+    if kind == "sqlite":
+        yield Broker(f"sqlite:///{data_dir / 'broker.sqlite'}")
+    elif kind == "redis":
+        with redis_prefix() as (url, options):
+            yield Broker(url, options)
+    elif kind == "rabbitmq":
+        with rabbitmq_vhost() as url:
+            yield Broker(url)
+    else:
+        raise ValueError(kind)
+
+
+@contextlib.contextmanager
+def ledger_url(kind: str, data_dir: Path) -> Iterator[str]:
+    """A ledger URL of `kind` (sqlite, postgres) that belongs to the caller."""
+    if kind == "sqlite":
+        yield f"sqlite:///{data_dir / 'ledger.sqlite'}"
+    elif kind == "postgres":
+        with postgres_database() as url:
+            yield url
+    else:
+        raise ValueError(kind)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+@dataclass
+class WorkerProcess:
+    """`offload worker SPEC` as a real subprocess; stopped (or killed) by the test."""
+
+    spec: str
+    env: dict[str, str]
+    log_path: Path
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "offload.cli", "worker", self.spec, "-v", *self.extra_args],
+            env={**os.environ, **self.env, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._log = log
+        return self
+
+    def descendants(self) -> list[psutil.Process]:
+        assert self.process is not None
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children: list[psutil.Process] = psutil.Process(self.process.pid).children(True)
+            return children
+        return []
+
+    def consumer_pids(self) -> list[int]:
+        """Pids of the Celery consumer processes (children of the supervisor)."""
+        assert self.process is not None
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return [c.pid for c in psutil.Process(self.process.pid).children()]
+        return []
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until every consumer process has logged `ready.`."""
+        assert self.process is not None
+
+        def ready() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                pytest.fail(f"worker exited with {self.process.returncode}:\n{self.log()}")
+            expected = len(self.consumer_pids())
+            return expected > 0 and self.log().count(" ready.") >= expected
+
+        wait_until(ready, timeout, "the worker to be ready")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill9(self) -> None:
+        """SIGKILL the supervisor and every process under it, all at once (a crash)."""
+        assert self.process is not None
+        victims = [psutil.Process(self.process.pid), *self.descendants()]
+        for victim in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.send_signal(signal.SIGKILL)
+        psutil.wait_procs(victims, timeout=10)
+        self.process.wait(timeout=10)
+        self._log.close()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (warm shutdown); SIGKILL whatever is left after `timeout`."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        victims = [psutil.Process(self.process.pid), *self.descendants()]
+        self.process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=timeout)
+        for victim in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.send_signal(signal.SIGKILL)
+        psutil.wait_procs(victims, timeout=10)
+        self._log.close()
