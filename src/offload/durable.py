@@ -180,21 +180,9 @@ class DurableLane:
         options = self._publish_options()
         try:
             with self.celery.producer_or_acquire() as producer:
-                if len(calls) > 1:
-                    with producer.batch(max_size=500):
-                        for run_id, call in calls:
-                            self._send(
-                                celery_task,
-                                task,
-                                run_id,
-                                call.kwargs,
-                                call.queue,
-                                call.priority,
-                                call.countdown_s,
-                                producer,
-                                options,
-                            )
-                else:
+                # Many runs go out in transport-owned batches (one pipeline on Redis).
+                batch = producer.batch(max_size=500) if len(calls) > 1 else contextlib.nullcontext()
+                with batch:
                     for run_id, call in calls:
                         self._send(
                             celery_task,

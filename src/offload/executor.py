@@ -17,13 +17,11 @@ attempt as timed out and ends the process, which is the only way to stop a threa
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import functools
 import heapq
 import itertools
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -42,6 +40,14 @@ from offload.errors import (
     TaskCancelledError,
     TaskTimeoutError,
 )
+from offload.interrupt import (
+    INTERRUPTS,
+    CancelExpired,
+    SoftTimeoutExpired,
+    clear_interrupt,
+    interrupt,
+    watch_thread,
+)
 from offload.ledger import queries
 
 if TYPE_CHECKING:
@@ -51,9 +57,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("offload.durable")
 
 T = TypeVar("T")
-
-INTERRUPT_SIGNAL = signal.SIGUSR2
-"""Delivers a soft timeout or a forced cancel to a task on its process's main thread."""
 
 HARD_TIMEOUT_EXIT_CODE = 70
 """Exit status of a worker process ended by a hard timeout."""
@@ -100,62 +103,6 @@ def is_alive(identity: str) -> bool:
     return start in ("", "0") or _process_start_ticks(pid) == start
 
 
-class SoftTimeoutExpired(TaskTimeoutError):
-    """`TaskTimeoutError` raised asynchronously in a thread by the watchdog."""
-
-    def __init__(self, *args: object) -> None:
-        super().__init__(*(args or ("soft timeout expired",)))
-
-
-class CancelExpired(TaskCancelledError):
-    """`TaskCancelledError` raised asynchronously in a task that ignored `cancel()`."""
-
-    def __init__(self, *args: object) -> None:
-        super().__init__(*(args or ("cancelled: the task ignored ctx.cancelled too long",)))
-
-
-_main_pending: type[BaseException] | None = None
-
-
-def _on_interrupt_signal(_signum: int, _frame: object) -> None:
-    global _main_pending
-    pending, _main_pending = _main_pending, None
-    if pending is not None:
-        raise pending()
-
-
-def _watch_thread(thread_id: int) -> None:
-    """Prepare to interrupt `thread_id`; call from that thread."""
-    if thread_id == threading.main_thread().ident:
-        signal.signal(INTERRUPT_SIGNAL, _on_interrupt_signal)
-
-
-def _interrupt(thread_id: int, exc_type: type[BaseException]) -> None:
-    """Raise `exc_type` in a thread of this process, soon.
-
-    The main thread (a prefork child runs its task there) gets it from a signal handler, so
-    sleeps and blocking calls are interrupted; another thread gets an asynchronous exception,
-    seen at its next Python instruction.
-    """
-    global _main_pending
-    if thread_id == threading.main_thread().ident:
-        _main_pending = exc_type
-        os.kill(os.getpid(), INTERRUPT_SIGNAL)
-    else:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(thread_id), ctypes.py_object(exc_type)
-        )
-
-
-def _clear_interrupt(thread_id: int) -> None:
-    """Forget an interrupt that was sent to `thread_id` but not yet seen."""
-    global _main_pending
-    if thread_id == threading.main_thread().ident:
-        _main_pending = None
-    else:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
-
-
 @dataclass(order=True)
 class _Deadline:
     at: float
@@ -190,7 +137,7 @@ class Watchdog:
         token = next(self._tokens)
         ident = thread_id if thread_id is not None else threading.get_ident()
         self._start_if_needed()
-        _watch_thread(ident)
+        watch_thread(ident)
         with self._cond:
             self._armed.add(token)
             if soft_s is not None:
@@ -206,9 +153,9 @@ class Watchdog:
             try:
                 with self._cond:
                     self._armed.discard(token)
-                    _clear_interrupt(ident)
+                    clear_interrupt(ident)
                 return
-            except (SoftTimeoutExpired, CancelExpired):
+            except INTERRUPTS:
                 # Landed between the deadline and the lock: the attempt is over, ignore it.
                 continue
 
@@ -241,7 +188,7 @@ class Watchdog:
                     continue
                 heapq.heappop(self._heap)
                 if due.soft:
-                    _interrupt(due.thread_id, SoftTimeoutExpired)
+                    interrupt(due.thread_id, SoftTimeoutExpired)
                     continue
             # Hard deadline: record the failure, then end the process (outside the lock).
             try:
@@ -281,7 +228,7 @@ class CancelWatcher:
         self._executor: Executor | None = None
 
     def add(self, executor: Executor, run_id: str, running: _Running) -> None:
-        _watch_thread(running.thread_id)
+        watch_thread(running.thread_id)
         with self._lock:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
@@ -296,9 +243,9 @@ class CancelWatcher:
                 with self._lock:
                     running = self._running.pop(run_id, None)
                     if running is not None and running.interrupted:
-                        _clear_interrupt(running.thread_id)
+                        clear_interrupt(running.thread_id)
                 return
-            except (SoftTimeoutExpired, CancelExpired):
+            except INTERRUPTS:
                 continue  # landed after the attempt ended: ignore it
 
     def _loop(self) -> None:
@@ -345,7 +292,7 @@ class CancelWatcher:
                             waited,
                         )
                         running.interrupted = True
-                        _interrupt(running.thread_id, CancelExpired)
+                        interrupt(running.thread_id, CancelExpired)
 
 
 _watchdog = Watchdog()

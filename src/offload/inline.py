@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import ctypes
 import logging
 import os
 import threading
@@ -54,6 +53,13 @@ from offload.errors import (
     TaskTimeoutError,
 )
 from offload.inline_process import ChildFailure, HardTimeout, ProcessPool
+from offload.interrupt import (
+    INTERRUPTS,
+    CancelExpired,
+    SoftTimeoutExpired,
+    clear_interrupt,
+    interrupt,
+)
 from offload.run import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -74,20 +80,6 @@ logger = logging.getLogger(__name__)
 
 TASK_NAME_PREFIX = "offload.inline:"
 """asyncio tasks running inline runs are named `offload.inline:<task>:<run id>`."""
-
-
-class CancelExpired(TaskCancelledError):
-    """`TaskCancelledError` raised in a sync task's thread that ignored `cancel()`."""
-
-    def __init__(self, *args: object) -> None:
-        super().__init__(*(args or ("cancelled: the task ignored ctx.cancelled too long",)))
-
-
-class SoftTimeout(TaskTimeoutError):
-    """`TaskTimeoutError` raised in a sync task's thread when its soft timeout expires."""
-
-    def __init__(self, *args: object) -> None:
-        super().__init__(*(args or ("soft timeout expired",)))
 
 
 # --- deferring inside a request ---------------------------------------------------------------
@@ -209,11 +201,6 @@ def _utc(timestamp: float | None) -> datetime | None:
 
 def _error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> None:
-    value = None if exc_type is None else ctypes.py_object(exc_type)
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), value)
 
 
 # --- the lane ---------------------------------------------------------------------------------
@@ -603,7 +590,7 @@ class InlineLane:
             self._failed(run, exc, retry=True, delay=exc.delay)
         except TaskTimeoutError as exc:
             timeout = task.policy.timeout
-            soft = isinstance(exc, SoftTimeout) and timeout is not None
+            soft = isinstance(exc, SoftTimeoutExpired) and timeout is not None
             error = f"soft timeout of {timeout.soft:g}s expired" if soft and timeout else str(exc)
             self._failed(run, exc, timeout=True, error=f"TaskTimeoutError: {error}")
         except Exception as exc:  # noqa: BLE001 - logged with its traceback and counted
@@ -671,10 +658,10 @@ class InlineLane:
                     try:
                         with self._thread_lock:
                             # Clear a soft timeout that was set but not yet raised.
-                            _set_async_exc(threading.get_ident(), None)
+                            clear_interrupt(threading.get_ident())
                             run.thread_id = None
                         break
-                    except (SoftTimeout, CancelExpired):
+                    except INTERRUPTS:
                         continue
 
         inner = asyncio.ensure_future(
@@ -687,10 +674,10 @@ class InlineLane:
             return await asyncio.wait_for(asyncio.shield(inner), timeout.soft)
         except TimeoutError:
             if inner.done():
-                return inner.result()  # the task's own TimeoutError (or SoftTimeout) rises
+                return inner.result()  # the task's own TimeoutError (or SoftTimeoutExpired) rises
             with self._thread_lock:
                 if run.thread_id is not None:
-                    _set_async_exc(run.thread_id, SoftTimeout)
+                    interrupt(run.thread_id, SoftTimeoutExpired)
         try:
             return await asyncio.wait_for(asyncio.shield(inner), timeout.hard_s - timeout.soft)
         except TimeoutError:
@@ -855,7 +842,7 @@ class InlineLane:
             return
         with self._thread_lock:
             if run.thread_id is not None:
-                _set_async_exc(run.thread_id, CancelExpired)
+                interrupt(run.thread_id, CancelExpired)
 
     def cancel_threadsafe(self, run_id: str) -> RunStatus:
         """`cancel()` from any thread."""
