@@ -29,6 +29,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -212,6 +213,7 @@ def run_mode(mode: str, args: argparse.Namespace, iterations: int) -> Result | N
     if mode == "celery":
         if broker is None:
             print("  celery: skipped, Redis is not reachable (set BENCH_REDIS_URL)")
+            shutil.rmtree(work, ignore_errors=True)
             return None
         env["BENCH_REDIS_URL"] = broker
     processes: list[subprocess.Popen[bytes]] = []
@@ -336,6 +338,7 @@ def run_mode(mode: str, args: argparse.Namespace, iterations: int) -> Result | N
             stop(process)
         if mode == "celery" and broker:
             _flush_celery_queue(broker)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 class _CpuLog:
@@ -463,6 +466,7 @@ def overhead_http(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
             measured[kind].append((count / (stop_at - start_at), (cpu1 - cpu0) / count * 1e6))
     finally:
         stop(server)
+        shutil.rmtree(work, ignore_errors=True)
     return {
         kind: (statistics.median(r for r, _ in rows), statistics.median(c for _, c in rows))
         for kind, rows in measured.items()
@@ -476,7 +480,8 @@ def overhead_in_process(count: int = 20_000) -> dict[str, float]:
     from offload import Offload
     from offload.inline import Deferrals, current_deferrals
 
-    jobs = Offload(data_dir=tempfile.mkdtemp(prefix="offload-bench-micro-"), inline_history=10)
+    data_dir = tempfile.mkdtemp(prefix="offload-bench-micro-")
+    jobs = Offload(data_dir=data_dir, inline_history=10)
 
     @jobs.task(lane="inline")
     async def nothing() -> None:
@@ -506,7 +511,11 @@ def overhead_in_process(count: int = 20_000) -> dict[str, float]:
             inline = (time.perf_counter() - began) / count * 1e6
         return {"bt": bt, "inline": inline}
 
-    return asyncio.run(measure())
+    try:
+        return asyncio.run(measure())
+    finally:
+        jobs.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 # --- report -----------------------------------------------------------------------------------

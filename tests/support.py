@@ -206,24 +206,31 @@ class WorkerProcess:
     def kill9(self) -> None:
         """SIGKILL the supervisor and every process under it, all at once (a crash)."""
         assert self.process is not None
-        victims = [psutil.Process(self.process.pid), *self.descendants()]
-        for victim in victims:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                victim.send_signal(signal.SIGKILL)
-        psutil.wait_procs(victims, timeout=10)
-        self.process.wait(timeout=10)
-        self._log.close()
+        self._kill_all()
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM (warm shutdown); SIGKILL whatever is left after `timeout`."""
         if self.process is None or self.process.poll() is not None:
             return
-        victims = [psutil.Process(self.process.pid), *self.descendants()]
+        descendants = self.descendants()
         self.process.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=timeout)
-        for victim in victims:
+        self._kill_all(descendants)
+
+    def _kill_all(self, known: list[psutil.Process] | None = None) -> None:
+        """SIGKILL the supervisor and its descendants (and `known` ones it may have lost).
+
+        The supervisor is reaped by its `Popen`, never by psutil: a `Popen` whose child was
+        reaped elsewhere believes it still runs and warns at exit.
+        """
+        assert self.process is not None
+        descendants = {p.pid: p for p in [*(known or []), *self.descendants()]}.values()
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGKILL)
+        for victim in descendants:
             with contextlib.suppress(psutil.NoSuchProcess):
                 victim.send_signal(signal.SIGKILL)
-        psutil.wait_procs(victims, timeout=10)
+        self.process.wait(timeout=10)
+        psutil.wait_procs(list(descendants), timeout=10)
         self._log.close()

@@ -357,6 +357,8 @@ def _heartbeat_step(app: Offload) -> type[bootsteps.StartStopStep]:
 
     class LedgerHeartbeat(bootsteps.StartStopStep):
         label = "offload heartbeat"
+        # After the pool: its first children fork before this step starts a thread.
+        requires = ("celery.worker.components:Pool",)
 
         def __init__(self, worker: Any, **kwargs: Any) -> None:
             super().__init__(worker, **kwargs)
@@ -372,6 +374,11 @@ def _heartbeat_step(app: Offload) -> type[bootsteps.StartStopStep]:
 
                 self._listener = _dead_letter_listener(app)
                 sqlite.add_dead_letter_listener(self._listener)
+            # The first beat and sweep run here, on the main thread: they import and connect
+            # whatever the ledger and broker need (psycopg, dialects) before any thread of ours
+            # exists. A prefork child forked while another thread held an import lock would
+            # wait for that lock forever.
+            self._tick(worker, sweep=True)
             self._thread = threading.Thread(
                 target=self._loop, args=(worker,), name="offload-heartbeat", daemon=True
             )
@@ -412,17 +419,20 @@ def _heartbeat_step(app: Offload) -> type[bootsteps.StartStopStep]:
             # Sweep for lost messages a few times per orphan_after_s, at most once a second.
             sweep_every = max(1.0, app.settings.orphan_after_s / 4)
             next_sweep = time.monotonic() + sweep_every
-            while True:
-                run_ids = [request.id for request in list(worker_state.active_requests)]
-                try:
-                    app.ledger.write(functools.partial(self._beat, worker=worker, run_ids=run_ids))
-                    if time.monotonic() >= next_sweep:
-                        next_sweep = time.monotonic() + sweep_every
-                        app.durable.republish_orphans()
-                except Exception:
-                    # Ledger or broker trouble: this thread must outlive it and try again.
-                    logger.exception("heartbeat or orphan sweep failed; trying again")
-                if self._stop.wait(min(interval, sweep_every)):
-                    return
+            while not self._stop.wait(min(interval, sweep_every)):
+                sweep = time.monotonic() >= next_sweep
+                if sweep:
+                    next_sweep = time.monotonic() + sweep_every
+                self._tick(worker, sweep=sweep)
+
+        def _tick(self, worker: Any, *, sweep: bool) -> None:
+            run_ids = [request.id for request in list(worker_state.active_requests)]
+            try:
+                app.ledger.write(functools.partial(self._beat, worker=worker, run_ids=run_ids))
+                if sweep:
+                    app.durable.republish_orphans()
+            except Exception:
+                # Ledger or broker trouble: the heartbeat must outlive it and try again.
+                logger.exception("heartbeat or orphan sweep failed; trying again")
 
     return LedgerHeartbeat

@@ -17,9 +17,6 @@ attempt as timed out and ends the process, which is the only way to stop a threa
 from __future__ import annotations
 
 import asyncio
-import functools
-import heapq
-import itertools
 import logging
 import os
 import socket
@@ -27,7 +24,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import Reject
@@ -40,14 +36,7 @@ from offload.errors import (
     TaskCancelledError,
     TaskTimeoutError,
 )
-from offload.interrupt import (
-    INTERRUPTS,
-    CancelExpired,
-    SoftTimeoutExpired,
-    clear_interrupt,
-    interrupt,
-    watch_thread,
-)
+from offload.interrupt import Running, SoftTimeoutExpired, cancel_watcher, watchdog
 from offload.ledger import queries
 
 if TYPE_CHECKING:
@@ -57,9 +46,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("offload.durable")
 
 T = TypeVar("T")
-
-HARD_TIMEOUT_EXIT_CODE = 70
-"""Exit status of a worker process ended by a hard timeout."""
 
 LEDGER_RETRY_MAX_PAUSE_S = 5.0
 """Longest pause between two tries of a ledger write during an outage."""
@@ -103,200 +89,6 @@ def is_alive(identity: str) -> bool:
     return start in ("", "0") or _process_start_ticks(pid) == start
 
 
-@dataclass(order=True)
-class _Deadline:
-    at: float
-    token: int
-    soft: bool = field(compare=False)
-    thread_id: int = field(compare=False)
-    on_hard: Callable[[], None] = field(compare=False)
-
-
-class Watchdog:
-    """One thread per process that enforces soft and hard deadlines of running attempts."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._cond = threading.Condition()
-        self._heap: list[_Deadline] = []
-        self._armed: set[int] = set()
-        self._tokens = itertools.count(1)
-        self._pid = 0
-        self._start_lock = threading.Lock()
-
-    def arm(
-        self,
-        *,
-        soft_s: float | None,
-        hard_s: float,
-        on_hard: Callable[[], None],
-        thread_id: int | None = None,
-    ) -> int:
-        """Watch the calling thread; returns a token for `disarm()`."""
-        now = self._clock()
-        token = next(self._tokens)
-        ident = thread_id if thread_id is not None else threading.get_ident()
-        self._start_if_needed()
-        watch_thread(ident)
-        with self._cond:
-            self._armed.add(token)
-            if soft_s is not None:
-                heapq.heappush(self._heap, _Deadline(now + soft_s, token, True, ident, on_hard))
-            heapq.heappush(self._heap, _Deadline(now + hard_s, token, False, ident, on_hard))
-            self._cond.notify()
-        return token
-
-    def disarm(self, token: int, thread_id: int | None = None) -> None:
-        """Stop watching; clears a soft timeout that was raised but not yet seen."""
-        ident = thread_id if thread_id is not None else threading.get_ident()
-        while True:
-            try:
-                with self._cond:
-                    self._armed.discard(token)
-                    clear_interrupt(ident)
-                return
-            except INTERRUPTS:
-                # Landed between the deadline and the lock: the attempt is over, ignore it.
-                continue
-
-    def _start_if_needed(self) -> None:
-        if self._pid == os.getpid():
-            return
-        with self._start_lock:
-            if self._pid == os.getpid():
-                return
-            # A forked child inherits no threads and maybe a held lock: start afresh.
-            self._cond = threading.Condition()
-            self._heap = []
-            self._armed = set()
-            threading.Thread(target=self._loop, name="offload-watchdog", daemon=True).start()
-            self._pid = os.getpid()
-
-    def _loop(self) -> None:
-        cond = self._cond
-        while True:
-            with cond:
-                while self._heap and self._heap[0].token not in self._armed:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    cond.wait()
-                    continue
-                due = self._heap[0]
-                wait = due.at - self._clock()
-                if wait > 0:
-                    cond.wait(wait)
-                    continue
-                heapq.heappop(self._heap)
-                if due.soft:
-                    interrupt(due.thread_id, SoftTimeoutExpired)
-                    continue
-            # Hard deadline: record the failure, then end the process (outside the lock).
-            try:
-                due.on_hard()
-            except Exception:
-                logger.exception("recording a hard timeout failed")
-            logging.shutdown()
-            os._exit(HARD_TIMEOUT_EXIT_CODE)
-
-
-@dataclass
-class _Running:
-    task: str
-    attempt: int
-    thread_id: int
-    ctx: TaskContext
-    on_forced_exit: Callable[[], None]
-    cancel_seen_at: float | None = None
-    interrupted: bool = False
-
-
-class CancelWatcher:
-    """One thread per process that stops running attempts whose run was cancelled.
-
-    Every `CANCEL_POLL_S` it asks the ledger which of this process's running runs were
-    cancelled. Their `ctx.cancelled` turns True at once; a task still running `grace_s` later
-    gets `TaskCancelledError`; one still running after twice that has its process ended (the
-    only way to stop a thread), with the run recorded CANCELLED first.
-    """
-
-    def __init__(self, poll_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.poll_s = poll_s
-        self._clock = clock
-        self._running: dict[str, _Running] = {}
-        self._lock = threading.Lock()
-        self._pid = 0
-        self._executor: Executor | None = None
-
-    def add(self, executor: Executor, run_id: str, running: _Running) -> None:
-        watch_thread(running.thread_id)
-        with self._lock:
-            if self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._running = {}
-                threading.Thread(target=self._loop, name="offload-cancel", daemon=True).start()
-            self._executor = executor
-            self._running[run_id] = running
-
-    def remove(self, run_id: str) -> None:
-        while True:
-            try:
-                with self._lock:
-                    running = self._running.pop(run_id, None)
-                    if running is not None and running.interrupted:
-                        clear_interrupt(running.thread_id)
-                return
-            except INTERRUPTS:
-                continue  # landed after the attempt ended: ignore it
-
-    def _loop(self) -> None:
-        while True:
-            time.sleep(self.poll_s)
-            with self._lock:
-                run_ids = list(self._running)
-                executor = self._executor
-            if not run_ids or executor is None:
-                continue
-            try:
-                flagged = executor.ledger.read(
-                    functools.partial(queries.cancel_requested_among, run_ids=run_ids)
-                )
-            except LedgerError:
-                logger.exception("checking %d running run(s) for cancellation failed", len(run_ids))
-                continue
-            grace = executor.settings.cancel_grace_s
-            now = self._clock()
-            with self._lock:
-                for run_id in flagged:
-                    running = self._running.get(run_id)
-                    if running is None:
-                        continue
-                    running.ctx.note_cancelled()
-                    if running.cancel_seen_at is None:
-                        running.cancel_seen_at = now
-                    waited = now - running.cancel_seen_at
-                    if waited >= 2 * grace and running.interrupted:
-                        logger.error(
-                            "run %s %s ignored cancel() for %.0fs; ending its process",
-                            run_id,
-                            running.task,
-                            waited,
-                        )
-                        running.on_forced_exit()
-                        logging.shutdown()
-                        os._exit(HARD_TIMEOUT_EXIT_CODE)
-                    if waited >= grace and not running.interrupted:
-                        logger.warning(
-                            "run %s %s ignored cancel() for %.0fs; interrupting it",
-                            run_id,
-                            running.task,
-                            waited,
-                        )
-                        running.interrupted = True
-                        interrupt(running.thread_id, CancelExpired)
-
-
-_watchdog = Watchdog()
-_cancel_watcher = CancelWatcher()
 _loops = threading.local()
 
 
@@ -550,12 +342,12 @@ class Executor:
                 lambda conn: queries.finish_cancelled(conn, run_id, attempt, self.ledger.clock())
             )
 
-        running = _Running(task.name, attempt, threading.get_ident(), ctx, record_cancelled)
-        _cancel_watcher.add(self, run_id, running)
+        running = Running(task.name, attempt, threading.get_ident(), ctx, record_cancelled)
+        cancel_watcher.add(self, run_id, running)
         try:
             return self._call_with_timeouts(task, ctx, args, kwargs, run_id, attempt, failures)
         finally:
-            _cancel_watcher.remove(run_id)
+            cancel_watcher.remove(run_id)
 
     def _call_with_timeouts(
         self,
@@ -581,7 +373,7 @@ class Executor:
             self._fail(task, run_id, attempt, failures, error, outcome="timeout", republish=False)
 
         # An async task's soft deadline is an asyncio timeout; the watchdog keeps the hard one.
-        token = _watchdog.arm(
+        token = watchdog.arm(
             soft_s=None if task.is_async else timeout.soft, hard_s=timeout.hard_s, on_hard=on_hard
         )
         try:
@@ -591,7 +383,7 @@ class Executor:
                 )
             return task.fn(*args, **kwargs)
         finally:
-            _watchdog.disarm(token)
+            watchdog.disarm(token)
 
     def _fail(
         self,

@@ -396,29 +396,31 @@ class InlineLane:
 
     def submit(self, task: Task[Any, Any], calls: Sequence[Call]) -> list[RunHandle[Any]]:
         """Admit validated calls (from any thread); spill or raise `LaneFullError` when full."""
-        self._require_started()
-        existing = self._existing(task, calls)
-        if existing is not None:
-            return [existing]
-        if not self._reserve(task, len(calls)):
-            if not task.policy.spill:
-                raise self._full_error(task)
-            return self._spill_calls(task, calls)
-        return self._admit(task, calls)
+        handles = self._admit_unless_full(task, calls)
+        return handles if handles is not None else self._spill_calls(task, calls)
 
     async def submit_async(
         self, task: Task[Any, Any], calls: Sequence[Call]
     ) -> list[RunHandle[Any]]:
         """`submit()` for the event loop: a spill's ledger and broker work runs off the loop."""
+        handles = self._admit_unless_full(task, calls)
+        if handles is None:
+            handles = await self.app.to_thread(self._spill_calls, task, calls)
+        return handles
+
+    def _admit_unless_full(
+        self, task: Task[Any, Any], calls: Sequence[Call]
+    ) -> list[RunHandle[Any]] | None:
+        """The handles of admitted (or already known) runs; None when they must spill."""
         self._require_started()
         existing = self._existing(task, calls)
         if existing is not None:
             return [existing]
-        if not self._reserve(task, len(calls)):
-            if not task.policy.spill:
-                raise self._full_error(task)
-            return await self.app.to_thread(self._spill_calls, task, calls)
-        return self._admit(task, calls)
+        if self._reserve(task, len(calls)):
+            return self._admit(task, calls)
+        if not task.policy.spill:
+            raise self._full_error(task)
+        return None
 
     def _admit(self, task: Task[Any, Any], calls: Sequence[Call]) -> list[RunHandle[Any]]:
         deferrals = current_deferrals.get()

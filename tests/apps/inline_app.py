@@ -181,8 +181,12 @@ def sync_ping() -> dict[str, bool]:
 
 
 @app.post("/starlette-blocking")
-def starlette_blocking(seconds: float, count: int, background_tasks: BackgroundTasks) -> None:
-    """The baseline: plain BackgroundTasks running sync work in the default threadpool."""
+async def starlette_blocking(seconds: float, count: int, background_tasks: BackgroundTasks) -> None:
+    """The baseline: plain BackgroundTasks running sync work in the default threadpool.
+
+    The endpoint is async so that it needs no threadpool token itself: every response is out
+    at once and the sleeps alone hold the tokens.
+    """
     for _ in range(count):
         background_tasks.add_task(time.sleep, seconds)
 

@@ -115,3 +115,11 @@ def isolated(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Durable
     broker, ledger = request.param
     with durable_world(broker, ledger, tmp_path) as world:
         yield world
+
+
+@pytest.fixture(params=BROKERS, ids=lambda b: f"{b}-broker/sqlite-ledger")
+def per_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Durable]:
+    """`isolated` on every broker with the SQLite ledger only: for what the broker and the
+    worker processes decide, where PostgreSQL would run the same ledger code again."""
+    with durable_world(request.param, "sqlite", tmp_path) as world:
+        yield world

@@ -40,22 +40,38 @@ def test_sigkilled_worker_run_completes_after_redelivery_as_attempt_2(isolated: 
         replacement.stop()
 
 
-def test_hard_timeout_ends_the_process_and_fails_the_attempt(isolated: Durable) -> None:
-    isolated.worker.start().wait_ready()
-    marker = isolated.data_dir / "stubborn.pid"
-    run = isolated.task("stubborn").defer_sync(marker=str(marker))
+def test_delayed_run_held_by_a_killed_worker_still_runs_on_time(per_broker: Durable) -> None:
+    # Celery holds a countdown message in the worker's memory, unacknowledged, until it is due.
+    per_broker.worker.start().wait_ready()
+    run = per_broker.task("add").options(delay=4).defer_sync(20, 22)
+    time.sleep(1.0)  # let the worker take the message and hold it
+    per_broker.worker.kill9()
+    replacement = per_broker.new_worker("replacement").start()
+    try:
+        assert run.result_sync(timeout=60) == 42
+        status = run.status_sync()
+        assert status.started_at is not None
+        assert (status.started_at - status.created_at).total_seconds() >= 3.9
+    finally:
+        replacement.stop()
+
+
+def test_hard_timeout_ends_the_process_and_fails_the_attempt(per_broker: Durable) -> None:
+    per_broker.worker.start().wait_ready()
+    marker = per_broker.data_dir / "stubborn.pid"
+    run = per_broker.task("stubborn").defer_sync(marker=str(marker))
     with pytest.raises(RunFailedError) as failed:
         run.result_sync(timeout=30)
     assert failed.value.error == (
         "TaskTimeoutError: hard timeout of 1.5s expired; the worker process was ended"
     )
-    assert isolated.jobs.ledger.attempts(run.id)[0].outcome == "timeout"
+    assert per_broker.jobs.ledger.attempts(run.id)[0].outcome == "timeout"
     # The process that ran it is gone, and the supervisor started a replacement that works.
     victim = int(marker.read_text())
-    wait_until(lambda: victim not in isolated.worker.consumer_pids(), 10, "the victim to exit")
-    assert isolated.task("add").defer_sync(1, 2).result_sync(timeout=30) == 3
+    wait_until(lambda: victim not in per_broker.worker.consumer_pids(), 10, "the victim to exit")
+    assert per_broker.task("add").defer_sync(1, 2).result_sync(timeout=30) == 3
     assert not os.path.exists(f"/proc/{victim}/status") or victim not in (
-        isolated.worker.consumer_pids()
+        per_broker.worker.consumer_pids()
     )
 
 
@@ -82,16 +98,16 @@ def test_a_second_worker_does_not_steal_a_live_run(isolated: Durable, tmp_path: 
         second.stop()
 
 
-def test_task_that_swallows_the_forced_cancel_loses_its_process(isolated: Durable) -> None:
-    isolated.worker.start().wait_ready()
-    marker = isolated.data_dir / "refuses.pid"
-    run = isolated.task("refuses_cancel").defer_sync(marker=str(marker))
+def test_task_that_swallows_the_forced_cancel_loses_its_process(per_broker: Durable) -> None:
+    per_broker.worker.start().wait_ready()
+    marker = per_broker.data_dir / "refuses.pid"
+    run = per_broker.task("refuses_cancel").defer_sync(marker=str(marker))
     victim = int(wait_until(lambda: marker.exists() and marker.read_text(), 20, "the task"))
     run.cancel_sync()
     with pytest.raises(RunFailedError, match="CANCELLED"):
         run.result_sync(timeout=30)
-    wait_until(lambda: victim not in isolated.worker.consumer_pids(), 10, "the process to end")
-    assert isolated.task("add").defer_sync(2, 2).result_sync(timeout=30) == 4
+    wait_until(lambda: victim not in per_broker.worker.consumer_pids(), 10, "the process to end")
+    assert per_broker.task("add").defer_sync(2, 2).result_sync(timeout=30) == 4
 
 
 def test_run_that_keeps_killing_its_worker_ends_dead(isolated: Durable) -> None:
@@ -108,17 +124,17 @@ def test_run_that_keeps_killing_its_worker_ends_dead(isolated: Durable) -> None:
     assert isolated.task("add").defer_sync(3, 3).result_sync(timeout=30) == 6
 
 
-def test_run_whose_message_the_broker_lost_is_published_again(isolated: Durable) -> None:
+def test_run_whose_message_the_broker_lost_is_published_again(per_broker: Durable) -> None:
     # Given runs whose messages vanish from the broker (a Redis restart without persistence,
     # a message popped by a consumer that died before recording it)
-    runs = [isolated.task("add").defer_sync(i, i) for i in range(5)]
-    with isolated.jobs.celery.connection_for_write() as connection:
+    runs = [per_broker.task("add").defer_sync(i, i) for i in range(5)]
+    with per_broker.jobs.celery.connection_for_write() as connection:
         purged = connection.default_channel.queue_purge("default")  # type: ignore[attr-defined]
     assert purged == 5
     # When a worker runs, the ledger's orphan sweep publishes them again (orphan_after_s = 4)
-    isolated.worker.start().wait_ready()
+    per_broker.worker.start().wait_ready()
     assert [run.result_sync(timeout=60) for run in runs] == [0, 2, 4, 6, 8]
-    assert "waited 4s without a delivery; publishing it again" in isolated.worker.log()
+    assert "waited 4s without a delivery; publishing it again" in per_broker.worker.log()
 
 
 def _close_connections(vhost: str) -> int:

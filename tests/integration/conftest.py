@@ -108,14 +108,14 @@ class Server:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=timeout)
         victims = [*self._children, *self.descendants()]
-        if self.process.poll() is None:
-            victims.append(psutil.Process(self.process.pid))
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGKILL)
         for victim in victims:
             with contextlib.suppress(psutil.NoSuchProcess):
                 victim.send_signal(signal.SIGKILL)
+        # The server is reaped by its Popen, never by psutil (or Popen warns at exit).
+        self.process.wait(timeout=10)
         psutil.wait_procs(victims, timeout=10)
-        if self.process.poll() is None:
-            self.process.wait(timeout=10)
         self._log.close()
 
 

@@ -3,7 +3,7 @@
 Each function runs inside the caller's transaction (see `Ledger.write()` / `Ledger.read()`);
 one state change is one transaction, so a crash leaves either the old state or the new one.
 
-The statements on a run's hot path (defer, start, finish, progress, status) are `_Prepared`:
+The statements on a run's hot path (defer, start, finish, progress, status) are `Prepared`:
 built once, with bind parameters (building a Core statement per call cost ~150 µs), and on
 SQLite run on the driver's cursor (SQLAlchemy's per-execution work cost ~100 µs of ~130 µs).
 """
@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import collections
-import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
 from offload.errors import RunNotFoundError
+from offload.ledger.prepared import Prepared, one_of
 from offload.ledger.schema import attempts, runs, workers
 from offload.run import (
     ACTIVE_STATES,
@@ -42,99 +40,17 @@ _TERMINAL = [s.value for s in TERMINAL_STATES]
 _WAITING = [RunState.PENDING.value, RunState.RETRY.value]
 
 _b = sa.bindparam
-_SQLITE = sqlite_dialect.dialect()
-_JSON_COLUMNS = frozenset(
-    c.name for t in (runs, attempts) for c in t.c if isinstance(c.type, sa.JSON)
-)
-
-
-class _Prepared:
-    """A hot-path statement, compiled once: through SQLAlchemy on PostgreSQL, and on SQLite
-    straight on the sqlite3 cursor of the same connection (so inside the same transaction).
-
-    Rows come back as named tuples; JSON columns are encoded and decoded here, as SQLAlchemy's
-    JSON type would. Statements must use plain binds (no `IN` lists: write `_one_of`).
-    """
-
-    def __init__(self, statement: Any) -> None:
-        self.statement = statement
-        compiled = statement.compile(dialect=_SQLITE)
-        self._sql = compiled.string
-        self._names = list(compiled.positiontup or ())
-        self._defaults = dict(compiled.params)
-        self._row_types: dict[tuple[str, ...], Any] = {}
-
-    def _values(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
-        values = {**self._defaults, **params}
-        return tuple(
-            json.dumps(values[name]) if name in _JSON_COLUMNS else values[name]
-            for name in self._names
-        )
-
-    def _rows(self, cursor: Any) -> list[Any]:
-        if cursor.description is None:
-            return []
-        names = tuple(d[0] for d in cursor.description)
-        row_type = self._row_types.get(names)
-        if row_type is None:
-            row_type = self._row_types[names] = collections.namedtuple("Row", names)
-        decode = [name in _JSON_COLUMNS for name in names]
-        # A JSON column has NUMERIC affinity in SQLite: a number comes back as a number.
-        return [
-            row_type(
-                *(
-                    json.loads(v) if d and isinstance(v, str) else v
-                    for v, d in zip(row, decode, strict=True)
-                )
-            )
-            for row in cursor.fetchall()
-        ]
-
-    def all(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
-        """Execute with one set of parameters; every returned row."""
-        if conn.dialect.name != "sqlite":
-            result = conn.execute(self.statement, params)
-            return list(result) if result.returns_rows else []
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cursor.execute(self._sql, self._values(params))
-            return self._rows(cursor)
-        finally:
-            cursor.close()
-
-    def first(self, conn: Connection, params: Mapping[str, Any]) -> Any:
-        """Execute; the first returned row, or None."""
-        rows = self.all(conn, params)
-        return rows[0] if rows else None
-
-    def many(self, conn: Connection, params: Sequence[Mapping[str, Any]]) -> None:
-        """Execute once per set of parameters (an INSERT of many rows)."""
-        if conn.dialect.name != "sqlite":
-            conn.execute(self.statement, list(params))
-            return
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cursor.executemany(self._sql, [self._values(p) for p in params])
-        finally:
-            cursor.close()
-
-
-def _one_of(column: Any, values: Sequence[str]) -> Any:
-    """`column IN (values)` as plain binds, which a `_Prepared` statement can hold."""
-    return sa.or_(*(column == value for value in values))
-
-
-_INSERT_RUNS = _Prepared(runs.insert())
-_SELECT_RUN = _Prepared(sa.select(runs).where(runs.c.id == _b("run_id")))
+_INSERT_RUNS = Prepared(runs.insert())
+_SELECT_RUN = Prepared(sa.select(runs).where(runs.c.id == _b("run_id")))
 _SELECT_RUN_FOR_UPDATE = sa.select(runs).where(runs.c.id == _b("run_id")).with_for_update()
-_INSERT_ATTEMPT = _Prepared(attempts.insert())
+_INSERT_ATTEMPT = Prepared(attempts.insert())
 
 # Start an attempt of a run that is simply waiting and due: the common case, one statement.
-_CLAIM_WAITING = _Prepared(
+_CLAIM_WAITING = Prepared(
     runs.update()
     .where(
         runs.c.id == _b("run_id"),
-        _one_of(runs.c.state, _WAITING),
+        one_of(runs.c.state, _WAITING),
         runs.c.cancel_requested == sa.false(),
         sa.or_(runs.c.next_attempt_at.is_(None), runs.c.next_attempt_at <= _b("due")),
     )
@@ -157,17 +73,17 @@ _END_CURRENT = (
     .where(
         runs.c.id == _b("run_id"),
         runs.c.attempts == _b("attempt"),
-        _one_of(runs.c.state, _ACTIVE),
+        one_of(runs.c.state, _ACTIVE),
     )
     .returning(runs.c.worker, runs.c.attempt_started_at)
 )
 
-_RECORD_PROGRESS = _Prepared(
+_RECORD_PROGRESS = Prepared(
     runs.update()
     .where(
         runs.c.id == _b("run_id"),
         runs.c.attempts == _b("attempt"),
-        _one_of(runs.c.state, _ACTIVE),
+        one_of(runs.c.state, _ACTIVE),
     )
     .values(
         state=RunState.PROGRESS.value,
@@ -177,9 +93,7 @@ _RECORD_PROGRESS = _Prepared(
     )
 )
 
-_IS_CANCEL_REQUESTED = _Prepared(
-    sa.select(runs.c.cancel_requested).where(runs.c.id == _b("run_id"))
-)
+_IS_CANCEL_REQUESTED = Prepared(sa.select(runs.c.cancel_requested).where(runs.c.id == _b("run_id")))
 
 
 def _dt(value: float | None) -> datetime | None:
@@ -528,11 +442,11 @@ def _finish(
 
 _ENDED: dict[str, Any] = {"updated_at": _b("now"), "heartbeat_at": None}
 _FINISHED = {**_ENDED, "finished_at": _b("now"), "next_attempt_at": None}
-_END_SUCCESS = _Prepared(
+_END_SUCCESS = Prepared(
     _END_CURRENT.values(state=RunState.SUCCESS.value, result=_b("result"), error=None, **_FINISHED)
 )
-_END_CANCELLED = _Prepared(_END_CURRENT.values(state=RunState.CANCELLED.value, **_FINISHED))
-_END_DEAD = _Prepared(
+_END_CANCELLED = Prepared(_END_CURRENT.values(state=RunState.CANCELLED.value, **_FINISHED))
+_END_DEAD = Prepared(
     _END_CURRENT.values(
         state=RunState.FAILURE.value,
         dead=True,
@@ -541,7 +455,7 @@ _END_DEAD = _Prepared(
         **_FINISHED,
     )
 )
-_END_RETRY = _Prepared(
+_END_RETRY = Prepared(
     _END_CURRENT.values(
         state=RunState.RETRY.value,
         error=_b("error"),
@@ -554,7 +468,7 @@ _END_RETRY = _Prepared(
 
 def _end_attempt(
     conn: Connection,
-    statement: _Prepared,
+    statement: Prepared,
     params: dict[str, Any],
     outcome: str,
     error: str | None = None,
