@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import importlib
 import logging
 import multiprocessing
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from offload.context import TaskContext
 from offload.errors import Retry, TaskCancelledError, TaskDefinitionError, TaskTimeoutError
+from offload.interrupt import CancelExpired, SoftTimeoutExpired
 from offload.run import JSONValue, Progress, RunState
 
 if TYPE_CHECKING:
@@ -239,11 +239,9 @@ def _child_init(events: Connection) -> None:
     _events = events
     with contextlib.suppress(OSError):
         os.setsid()  # our own session, so our own autogroup: nice then weighs against the API
-    with contextlib.suppress(OSError, AttributeError):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    from offload.worker import lower_priority
+    from offload.worker import die_with_parent, lower_priority
 
+    die_with_parent(signal.SIGKILL)
     lower_priority()
     signal.signal(signal.SIGUSR1, _on_cancel_signal)
 
@@ -254,21 +252,13 @@ def _child_warm(modules: list[str]) -> int:
     return os.getpid()
 
 
-class _ChildSoftTimeout(TaskTimeoutError):
-    pass
-
-
 def _on_alarm(_signum: int, _frame: FrameType | None) -> None:
-    raise _ChildSoftTimeout("soft timeout expired")
-
-
-class _ChildCancelled(TaskCancelledError):
-    pass
+    raise SoftTimeoutExpired
 
 
 def _on_cancel_signal(_signum: int, _frame: FrameType | None) -> None:
     if _cancel_marker and os.path.exists(_cancel_marker):
-        raise _ChildCancelled("cancelled: the task ignored ctx.cancelled too long")
+        raise CancelExpired
 
 
 def _find_task(module: str, qualname: str) -> Any:
@@ -327,9 +317,9 @@ def _child_run(
     except BaseException as exc:  # noqa: BLE001 - described and sent back to the parent
         ctx.flush()
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if isinstance(exc, _ChildSoftTimeout):
+        if isinstance(exc, SoftTimeoutExpired):
             error = f"TaskTimeoutError: soft timeout of {soft_s:g}s expired"
-        elif isinstance(exc, _ChildCancelled):
+        elif isinstance(exc, CancelExpired):
             error = f"TaskCancelledError: {exc}"
         return False, {
             "error": error,

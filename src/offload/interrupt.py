@@ -1,10 +1,10 @@
 """Stopping a running task: raising an exception inside it, and the threads that decide when.
 
-`interrupt()` is shared by the durable lane's executor and the inline lane. A task on its
-process's main thread
-(a prefork child runs its task there) gets the exception from a signal handler, so sleeps and
-blocking calls are interrupted too; a task on another thread gets an asynchronous exception,
-which it sees at its next Python instruction (a blocking C call sees it when it returns).
+`interrupt()` is shared by the durable lane's executor and the inline lane, and the inline
+lane's processes raise the same exceptions. A task on its process's main thread (a prefork
+child runs its task there) gets the exception from a signal handler, so sleeps and blocking
+calls are interrupted too; a task on another thread gets an asynchronous exception, which it
+sees at its next Python instruction (a blocking C call sees it when it returns).
 
 `Watchdog` enforces a durable attempt's soft and hard deadlines; `CancelWatcher` stops a
 durable attempt whose run was cancelled. Each is one thread per process (started again in a

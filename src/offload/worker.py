@@ -87,12 +87,12 @@ def lower_priority() -> None:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to send SIGTERM to this process when its parent dies (no orphans)."""
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Ask Linux to send `signum` to this process when its parent dies (no orphans)."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        libc.prctl(pr_set_pdeathsig, signum)
 
 
 def run_celery_worker(
@@ -106,7 +106,7 @@ def run_celery_worker(
     low_priority: bool = False,
 ) -> None:
     """Run one Celery worker for the Offload at `spec` in this process (blocks)."""
-    _die_with_parent()
+    die_with_parent()
     if low_priority:
         lower_priority()
     jobs = load_offload(spec)
