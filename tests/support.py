@@ -219,18 +219,23 @@ class WorkerProcess:
         self._kill_all(descendants)
 
     def _kill_all(self, known: list[psutil.Process] | None = None) -> None:
-        """SIGKILL the supervisor and its descendants (and `known` ones it may have lost).
-
-        The supervisor is reaped by its `Popen`, never by psutil: a `Popen` whose child was
-        reaped elsewhere believes it still runs and warns at exit.
-        """
+        """SIGKILL the supervisor and its descendants (and `known` ones it may have lost)."""
         assert self.process is not None
-        descendants = {p.pid: p for p in [*(known or []), *self.descendants()]}.values()
-        with contextlib.suppress(ProcessLookupError):
-            self.process.send_signal(signal.SIGKILL)
-        for victim in descendants:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                victim.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-        psutil.wait_procs(list(descendants), timeout=10)
+        kill_and_reap(self.process, [*(known or []), *self.descendants()])
         self._log.close()
+
+
+def kill_and_reap(process: subprocess.Popen[bytes], descendants: list[psutil.Process]) -> None:
+    """SIGKILL `process` and its `descendants` (found while it lived), and reap them all.
+
+    `process` is reaped by its `Popen`, never by psutil: a `Popen` whose child was reaped
+    elsewhere believes it still runs and warns at exit.
+    """
+    others = list({p.pid: p for p in descendants}.values())
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGKILL)
+    for other in others:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            other.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    psutil.wait_procs(others, timeout=10)

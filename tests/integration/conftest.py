@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.support import ROOT, free_port, wait_until
+from tests.support import ROOT, free_port, kill_and_reap, wait_until
 
 
 @dataclass
@@ -107,15 +107,7 @@ class Server:
             self.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=timeout)
-        victims = [*self._children, *self.descendants()]
-        with contextlib.suppress(ProcessLookupError):
-            self.process.send_signal(signal.SIGKILL)
-        for victim in victims:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                victim.send_signal(signal.SIGKILL)
-        # The server is reaped by its Popen, never by psutil (or Popen warns at exit).
-        self.process.wait(timeout=10)
-        psutil.wait_procs(victims, timeout=10)
+        kill_and_reap(self.process, [*self._children, *self.descendants()])
         self._log.close()
 
 
