@@ -7,7 +7,6 @@ import contextvars
 import functools
 import inspect
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar,
 
 from offload.errors import TaskArgumentsError, TaskDefinitionError
 from offload.ledger import Ledger, queries
-from offload.run import Lane, RunHandle, RunStatus, WorkerStatus
+from offload.run import Lane, RunHandle, RunStatus, WorkerStatus, new_run_id
 from offload.settings import Settings
 from offload.task import Backoff, Call, Policy, Task, Timeout
 
@@ -281,7 +280,7 @@ class Offload:
         now = self.clock()
         new = [
             queries.NewRun(
-                id=run_ids[index] if run_ids else uuid.uuid4().hex,
+                id=run_ids[index] if run_ids else new_run_id(),
                 task=task.name,
                 lane=Lane.DURABLE,
                 queue=call.queue,

@@ -44,12 +44,17 @@ ExceptionHandlers = dict[int | type[Exception], ExceptionHandler]
 
 
 async def _deferrals(request: Request, background_tasks: BackgroundTasks) -> None:
-    deferrals = Deferrals(background_tasks.add_task)
-    current_deferrals.set(deferrals)
-    # FastAPI closes this stack after the response and its background tasks, and also when
-    # the endpoint raised (no background task runs then): `end()` starts what is left.
     scope = request.scope
-    stack = scope.get("fastapi_inner_astack") or scope.get("fastapi_astack")
+    stack = scope.get("fastapi_inner_astack")
+    if isinstance(stack, AsyncExitStack):
+        # FastAPI >= 0.118 closes this stack after the response and its background tasks.
+        deferrals = Deferrals()
+    else:
+        # Older FastAPI closes its stack before the response is sent: start the runs as a
+        # background task, and from the stack only when none runs (the endpoint raised).
+        deferrals = Deferrals(background_tasks.add_task)
+        stack = scope.get("fastapi_astack")
+    current_deferrals.set(deferrals)
     if isinstance(stack, AsyncExitStack):
         stack.push_async_callback(deferrals.end)
 

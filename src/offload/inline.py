@@ -29,12 +29,11 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import os
 import threading
 import time
 import traceback
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -70,6 +69,7 @@ from offload.run import (
     RunHandle,
     RunState,
     RunStatus,
+    new_run_id,
 )
 
 if TYPE_CHECKING:
@@ -86,39 +86,37 @@ TASK_NAME_PREFIX = "offload.inline:"
 
 
 class Deferrals:
-    """The inline runs one request deferred; started after its response is sent.
+    """The inline runs one request deferred; started once its response is sent.
 
-    `schedule` is the request's `BackgroundTasks.add_task`: the first deferral adds one
-    background task that starts every run of the request at once, so they run concurrently
-    (Starlette would run background tasks one after another). `end()`, called when the
-    request is over, starts whatever is left: an endpoint that raised after deferring (no
-    background task runs then) or that returned a `Response` with a `background` of its
-    own. A deferred run was promised (the caller holds its id), so it starts rather than
-    being lost.
+    `end()` starts them: the `jobs.deferrals` dependency has FastAPI call it from the
+    request's exit stack, which FastAPI closes after the response and the request's
+    background tasks, and also when the endpoint raised. On FastAPI versions that close
+    that stack before the response, `schedule` (the request's `BackgroundTasks.add_task`)
+    runs `end()` after the response instead. Every run of the request starts at once, so
+    they run concurrently (Starlette would run background tasks one after another). A
+    deferred run was promised (the caller holds its id), so it starts rather than being lost.
     """
 
     __slots__ = ("_runs", "_schedule", "closed")
 
-    def __init__(self, schedule: Callable[[Callable[[], Awaitable[None]]], None]) -> None:
+    def __init__(
+        self, schedule: Callable[[Callable[[], Coroutine[Any, Any, None]]], Any] | None = None
+    ) -> None:
         self._schedule = schedule
         self._runs: list[InlineRun] = []
         self.closed = False
 
     def add(self, run: InlineRun) -> None:
-        if not self._runs:
-            self._schedule(self.flush)
+        if not self._runs and self._schedule is not None:
+            self._schedule(self.end)
         self._runs.append(run)
 
-    async def flush(self) -> None:
-        """Start every deferred run (runs after the response; later deferrals start at once)."""
+    async def end(self) -> None:
+        """The request is over: start every deferred run; later deferrals start at once."""
         self.closed = True
         runs, self._runs = self._runs, []
         for run in runs:
             run.lane.launch(run)
-
-    async def end(self) -> None:
-        """The request is over: start what is left and stop collecting."""
-        await self.flush()
         if current_deferrals.get() is self:
             current_deferrals.set(None)  # callers sharing one context (tests) start clean
 
@@ -429,7 +427,7 @@ class InlineLane:
         handles: list[RunHandle[Any]] = []
         for call in calls:
             run = InlineRun(
-                id=os.urandom(16).hex(),  # a uuid4's randomness, at a quarter of its cost
+                id=new_run_id(),
                 task=task,
                 lane=self,
                 kwargs=call.kwargs,
