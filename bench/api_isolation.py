@@ -401,8 +401,12 @@ def calibrate(target_s: float = 1.0) -> int:
 # --- per-task overhead ------------------------------------------------------------------------
 
 
-def overhead_http(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
-    """req/s and server CPU µs per request for /noop/{none,bt,inline}."""
+def overhead_http(args: argparse.Namespace) -> list[dict[str, tuple[float, float]]]:
+    """Per pass: req/s and server CPU µs per request for each /noop/ endpoint.
+
+    The endpoints are measured one after another in each pass, in alternating order (ABBA),
+    so a ratio of two endpoints from one pass compares like with like on a drifting machine.
+    """
     work = Path(tempfile.mkdtemp(prefix="offload-bench-noop-"))
     port = free_port()
     env = {
@@ -427,11 +431,15 @@ def overhead_http(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
         work / "server.log",
     )
     kinds = ["none", "bt", "bt-deferrals", "inline"]
-    measured: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
+    passes: list[dict[str, tuple[float, float]]] = []
     try:
         wait_for(lambda: _answers(port), 30, "uvicorn")
         process = psutil.Process(server.pid)
-        for kind in kinds * 3:  # interleaved passes, medians kept
+        for number in range(args.overhead_passes * len(kinds)):
+            pass_number, position = divmod(number, len(kinds))
+            if position == 0:
+                passes.append({})
+            kind = kinds[position] if pass_number % 2 == 0 else kinds[-1 - position]
             samples_path = work / f"{kind}.bin"
             start_at = time.time() + 0.5
             stop_at = start_at + args.overhead_duration
@@ -463,14 +471,11 @@ def overhead_http(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
             raw = array("d")
             raw.frombytes(samples_path.read_bytes())
             count = len(raw) // 2
-            measured[kind].append((count / (stop_at - start_at), (cpu1 - cpu0) / count * 1e6))
+            passes[-1][kind] = (count / (stop_at - start_at), (cpu1 - cpu0) / count * 1e6)
     finally:
         stop(server)
         shutil.rmtree(work, ignore_errors=True)
-    return {
-        kind: (statistics.median(r for r, _ in rows), statistics.median(c for _, c in rows))
-        for kind, rows in measured.items()
-    }
+    return passes
 
 
 def overhead_in_process(count: int = 20_000) -> dict[str, float]:
@@ -598,6 +603,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, help="CPU loop size (default: ~1 s, measured)")
     parser.add_argument("--overhead", action="store_true", help="also measure no-op task cost")
     parser.add_argument("--overhead-duration", type=float, default=3.0)
+    parser.add_argument("--overhead-passes", type=int, default=5, help="per round")
     parser.add_argument("--json", help="also write every measurement to this file")
     args = parser.parse_args()
     if args.loadgen:
@@ -633,7 +639,13 @@ def main() -> None:
             http_costs = overhead_http(args)
             micro = overhead_in_process()
             overheads.append({"http": http_costs, "micro": micro})
-            print(f"  round {round_number + 1} no-op task: http {http_costs} micro {micro}")
+            cpu = {k: statistics.median(p[k][1] for p in http_costs) for k in http_costs[0]}
+            print(
+                f"  round {round_number + 1} no-op task, server CPU µs/request: "
+                + ", ".join(f"{kind} {value:.0f}" for kind, value in cpu.items())
+                + f"; in process {micro['bt']:.1f} vs {micro['inline']:.1f} µs/task",
+                flush=True,
+            )
     results = {mode: rows for mode, rows in results.items() if rows}
     report(results, results["idle"])
     if overheads:
@@ -655,25 +667,35 @@ def print_overheads(overheads: list[dict[str, Any]]) -> None:
     def med(values: list[float]) -> float:
         return statistics.median(values)
 
-    cpu = {k: med([o["http"][k][1] for o in overheads]) for k in overheads[0]["http"]}
-    rps = {k: med([o["http"][k][0] for o in overheads]) for k in overheads[0]["http"]}
-    print("\nOne no-op async task per request (median of rounds)")
+    passes = [p for o in overheads for p in o["http"]]
+    cpu = {k: med([p[k][1] for p in passes]) for k in passes[0]}
+    rps = {k: med([p[k][0] for p in passes]) for k in passes[0]}
+    print(f"\nOne no-op async task per request (median of {len(passes)} passes)")
     print("| endpoint | req/s | server CPU µs/request | over /noop/none µs |")
     print("|---|---|---|---|")
     for kind in cpu:
         share = "-" if kind == "none" else f"{cpu[kind] - cpu['none']:.1f}"
         print(f"| /noop/{kind} | {rps[kind]:.0f} | {cpu[kind]:.1f} | {share} |")
+
+    def paired(name: str, of: str, to: str) -> str:
+        """Median (min-max) of the ratio within each pass: drift between passes cancels."""
+        ratios = [p[of][1] / p[to][1] for p in passes]
+        times = [p[to][0] / p[of][0] for p in passes]
+        return f"{name}: {median_range(ratios)}x CPU, {median_range(times)}x time per request"
+
+    print(f"- {paired('inline lane vs BackgroundTasks', 'inline', 'bt')}")
     print(
-        f"per request, inline lane vs BackgroundTasks: {cpu['inline'] / cpu['bt']:.2f}x CPU, "
-        f"{rps['bt'] / rps['inline']:.2f}x time; in an app that applies jobs.deferrals "
-        f"everywhere (its fixed per-request cost paid either way): "
-        f"{cpu['inline'] / cpu['bt-deferrals']:.2f}x CPU, "
-        f"{rps['bt-deferrals'] / rps['inline']:.2f}x time"
+        "- "
+        + paired(
+            "in an app that applies jobs.deferrals everywhere (its fixed cost paid either way)",
+            "inline",
+            "bt-deferrals",
+        )
     )
     bt_micro = med([o["micro"]["bt"] for o in overheads])
     inline_micro = med([o["micro"]["inline"] for o in overheads])
     print(
-        f"in process, without HTTP: BackgroundTasks {bt_micro:.1f} µs/task, inline lane "
+        f"- in process, without HTTP: BackgroundTasks {bt_micro:.1f} µs/task, inline lane "
         f"{inline_micro:.1f} µs/task ({inline_micro / bt_micro:.2f}x)"
     )
 

@@ -22,6 +22,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+import fastapi
 from fastapi import BackgroundTasks, Depends, Request, params
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
@@ -43,24 +44,37 @@ ExceptionHandlers = dict[int | type[Exception], ExceptionHandler]
 # --- deferring after the response -----------------------------------------------------------
 
 
-async def _deferrals(request: Request, background_tasks: BackgroundTasks) -> None:
-    scope = request.scope
-    stack = scope.get("fastapi_inner_astack")
+def _stack_closes_after_response() -> bool:
+    """FastAPI 0.118 and later close the request's exit stack after the response is sent."""
+    major, minor = (int(part) for part in fastapi.__version__.split(".")[:2])
+    return (major, minor) >= (0, 118)
+
+
+async def _deferrals(request: Request) -> None:
+    # FastAPI closes this stack after the response and the request's background tasks, and
+    # also when the endpoint raised. Asking for no `BackgroundTasks` here keeps FastAPI from
+    # attaching one to every response.
+    stack = request.scope.get("fastapi_inner_astack")
     if isinstance(stack, AsyncExitStack):
-        # FastAPI >= 0.118 closes this stack after the response and its background tasks.
         deferrals = Deferrals()
-    else:
-        # Older FastAPI closes its stack before the response is sent: start the runs as a
-        # background task, and from the stack only when none runs (the endpoint raised).
-        deferrals = Deferrals(background_tasks.add_task)
-        stack = scope.get("fastapi_astack")
+        current_deferrals.set(deferrals)
+        stack.push_async_callback(deferrals.end)
+
+
+async def _deferrals_before_0_118(request: Request, background_tasks: BackgroundTasks) -> None:
+    # These versions close the stack before the response is sent: start the runs as a
+    # background task, and from the stack only when none runs (the endpoint raised).
+    deferrals = Deferrals(background_tasks.add_task)
     current_deferrals.set(deferrals)
+    stack = request.scope.get("fastapi_astack")
     if isinstance(stack, AsyncExitStack):
         stack.push_async_callback(deferrals.end)
 
 
-DEFERRALS: params.Depends = Depends(_deferrals)
-"""`Depends(...)` on the request's `BackgroundTasks`: inline runs start after the response."""
+DEFERRALS: params.Depends = Depends(
+    _deferrals if _stack_closes_after_response() else _deferrals_before_0_118
+)
+"""`Depends(...)` that starts the request's inline runs once its response is sent."""
 
 
 # --- errors as HTTP ---------------------------------------------------------------------------

@@ -263,8 +263,18 @@ class _Signature:
             ) from exc
         return dumped
 
+    def to_json_arguments(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> dict[str, JSONValue]:
+        """Bind, validate and dump one call's arguments: what `defer()` records."""
+        if not args and not kwargs and not self.parameter_names:
+            return {}  # nothing to check: a task without parameters skips pydantic
+        return self.to_json(self.validate(self.bind(args, kwargs)))
+
     def from_json(self, kwargs: Mapping[str, JSONValue]) -> dict[str, Any]:
         """Rebuild Python arguments from their JSON form (in the worker)."""
+        if not kwargs and not self.parameter_names:
+            return {}
         model = self.validate(kwargs)
         return {name: getattr(model, name) for name in self.parameter_names}
 
@@ -342,14 +352,14 @@ class Task(Generic[P, R]):
 
     def prepare(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Call:
         """Validate one call and resolve its options. Raises `TaskArgumentsError`."""
-        model = self.signature.validate(self.signature.bind(args, kwargs))
+        arguments = self.signature.to_json_arguments(args, kwargs)
         options = self._options
         countdown = options.delay
         if options.eta is not None:
             countdown = max(0.0, (options.eta - self.app.now()).total_seconds())
         return Call(
             task=self.name,
-            kwargs=self.signature.to_json(model),
+            kwargs=arguments,
             queue=options.queue or self.queue,
             priority=self.policy.priority if options.priority is None else options.priority,
             countdown_s=countdown or None,
