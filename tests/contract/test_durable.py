@@ -7,8 +7,10 @@ import os
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from celery import signals
 
 from offload import (
     RunFailedError,
@@ -260,6 +262,22 @@ def test_defer_many_validates_every_call_first(durable: Durable) -> None:
     with pytest.raises(TaskArgumentsError, match=r"call #1: add\(\) got b='x'"):
         durable.task("add").defer_many_sync([{"a": 1, "b": 2}, {"a": 1, "b": "x"}])
     assert row_count(durable) == before
+
+
+def test_celery_publish_hooks_still_see_every_message(durable: Durable) -> None:
+    # Tracing libraries hook Celery's publishing; offload then publishes through Celery.
+    seen: list[str] = []
+
+    def hook(headers: dict[str, Any], **_: Any) -> None:
+        seen.append(headers["id"])
+
+    signals.before_task_publish.connect(hook, weak=False)
+    try:
+        run = durable.task("add").defer_sync(a=2, b=3)
+    finally:
+        signals.before_task_publish.disconnect(hook)
+    assert seen == [run.id]
+    assert run.result_sync(timeout=30) == 5
 
 
 def test_plain_celery_send_task_is_recorded_as_a_run(durable: Durable) -> None:
