@@ -277,8 +277,8 @@ class DurableLane:
             )
             return
         # The message `apply_async` would send (Celery's protocol 2), built here: Celery's
-        # routing, `saferepr` of the arguments and configuration lookups cost about half
-        # of a single publish.
+        # routing, `saferepr` of the arguments and configuration lookups are a third of
+        # `apply_async`'s cost (bench/publish_cost.py).
         eta = None
         if countdown_s:
             eta = (datetime.now(UTC) + timedelta(seconds=countdown_s)).isoformat()
