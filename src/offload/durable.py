@@ -20,7 +20,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -34,7 +33,7 @@ from offload import transport
 from offload.errors import BrokerUnavailableError, LedgerError
 from offload.executor import Executor, worker_identity
 from offload.ledger import queries
-from offload.run import Lane
+from offload.run import Lane, new_run_id
 from offload.settings import mask_url
 from offload.task import MAX_PRIORITY
 
@@ -341,7 +340,7 @@ def _origin() -> str:
 
 def _bury(app: Offload, headers: dict[str, Any], body: Any, queue: str | None, reason: str) -> None:
     """Record a message that can never run as a dead run, with `reason`."""
-    run_id = str(headers.get("id") or uuid.uuid4().hex)
+    run_id = str(headers.get("id") or new_run_id())
     task = str(headers.get("task") or "?")
     args: dict[str, Any] = {}
     if isinstance(body, list | tuple) and len(body) >= 2 and isinstance(body[1], dict):
