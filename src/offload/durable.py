@@ -17,7 +17,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -302,7 +301,7 @@ class DurableLane:
                 "parent_id": None,
                 "argsrepr": "()",
                 "kwargsrepr": _short_repr(kwargs),
-                "origin": _origin(),
+                "origin": anon_nodename(),  # `gen<pid>@<host>`, as Celery sends it
                 "ignore_result": True,
                 "replaced_task_nesting": 0,
                 "stamped_headers": None,
@@ -326,16 +325,6 @@ REPR_MAX_CHARS = 1024
 def _short_repr(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= REPR_MAX_CHARS else text[: REPR_MAX_CHARS - 3] + "..."
-
-
-@functools.cache
-def _origin_of(pid: int) -> str:
-    return anon_nodename()
-
-
-def _origin() -> str:
-    """Celery's `origin` header: `gen<pid>@<host>` of the publishing process."""
-    return _origin_of(os.getpid())
 
 
 def _bury(app: Offload, headers: dict[str, Any], body: Any, queue: str | None, reason: str) -> None:
