@@ -38,6 +38,7 @@ from offload.errors import (
 )
 from offload.interrupt import Running, SoftTimeoutExpired, cancel_watcher, watchdog
 from offload.ledger import queries
+from offload.run import RunState
 
 if TYPE_CHECKING:
     from offload.app import Offload
@@ -258,7 +259,7 @@ class Executor:
             result = task.signature.result_adapter.dump_python(value, mode="json")
         except TaskCancelledError:
             ctx.flush()
-            self._record(task, run_id, attempt, cancelled=True, result=None)
+            self._record_cancelled(task, run_id, attempt)
             return
         except Retry as exc:
             ctx.flush()
@@ -284,47 +285,55 @@ class Executor:
             self._fail(task, run_id, attempt, claimed.failures, exc, outcome="error")
             return
         ctx.flush()
-        self._record(task, run_id, attempt, cancelled=ctx.cancelled, result=result, started=started)
+        self._record_returned(task, run_id, attempt, result, started)
 
-    def _record(
-        self,
-        task: Task[Any, Any],
-        run_id: str,
-        attempt: int,
-        *,
-        cancelled: bool,
-        result: Any,
-        started: float | None = None,
-    ) -> None:
-        """Record a finished attempt: CANCELLED if the task stopped for a cancel, else SUCCESS."""
+    def _record_cancelled(self, task: Task[Any, Any], run_id: str, attempt: int) -> None:
+        """The task stopped for a cancel (`TaskCancelledError`): CANCELLED."""
         now = self.ledger.clock()
-        if cancelled:
-            recorded = self._persist(
-                run_id,
-                task,
-                "recording its cancellation",
-                lambda conn: queries.finish_cancelled(conn, run_id, attempt, now),
-            )
+        recorded = self._persist(
+            run_id,
+            task,
+            "recording its cancellation",
+            lambda conn: queries.finish_cancelled(conn, run_id, attempt, now),
+        )
+        if recorded:
             logger.info("run %s %s cancelled during attempt %d", run_id, task.name, attempt)
         else:
-            recorded = self._persist(
-                run_id,
-                task,
-                "recording its success",
-                lambda conn: queries.finish_success(conn, run_id, attempt, result, now),
-            )
-            elapsed = 0.0 if started is None else time.monotonic() - started
+            self._log_unrecorded(task, run_id, attempt)
+
+    def _record_returned(
+        self, task: Task[Any, Any], run_id: str, attempt: int, result: Any, started: float
+    ) -> None:
+        """The task returned: SUCCESS, or CANCELLED if its run was cancelled meanwhile."""
+        now = self.ledger.clock()
+        state = self._persist(
+            run_id,
+            task,
+            "recording its success",
+            lambda conn: queries.finish_returned(conn, run_id, attempt, result, now),
+        )
+        if state is RunState.SUCCESS:
             logger.info(
-                "run %s %s succeeded in %.3fs (attempt %d)", run_id, task.name, elapsed, attempt
-            )
-        if not recorded:
-            logger.warning(
-                "run %s %s: attempt %d finished after it was declared lost; "
-                "its outcome is not recorded",
+                "run %s %s succeeded in %.3fs (attempt %d)",
                 run_id,
                 task.name,
+                time.monotonic() - started,
                 attempt,
             )
+        elif state is RunState.CANCELLED:
+            logger.info("run %s %s cancelled during attempt %d", run_id, task.name, attempt)
+        else:
+            self._log_unrecorded(task, run_id, attempt)
+
+    @staticmethod
+    def _log_unrecorded(task: Task[Any, Any], run_id: str, attempt: int) -> None:
+        logger.warning(
+            "run %s %s: attempt %d finished after it was declared lost; "
+            "its outcome is not recorded",
+            run_id,
+            task.name,
+            attempt,
+        )
 
     def _call(
         self,

@@ -232,6 +232,20 @@ def test_running_task_sees_the_cancel_request_and_stops(durable: Durable) -> Non
     assert durable.jobs.ledger.attempts(run.id)[0].outcome == "cancelled"
 
 
+def test_task_that_returns_after_its_run_was_cancelled_ends_cancelled(durable: Durable) -> None:
+    started = durable.data_dir / f"started-{os.urandom(4).hex()}"
+    release = durable.data_dir / f"release-{os.urandom(4).hex()}"
+    run = durable.task("long_job").defer_sync(started=str(started), release=str(release))
+    wait_until(started.exists, 20, "the task to start")
+    run.cancel_sync()
+    release.touch()  # it returns normally, well inside the grace period, never having looked
+    with pytest.raises(RunFailedError, match="CANCELLED"):
+        run.result_sync(timeout=20)
+    status = run.status_sync()
+    assert status.result is None
+    assert durable.jobs.ledger.attempts(run.id)[-1].outcome == "cancelled"
+
+
 @pytest.mark.parametrize("task", ["ignores_cancel", "ignores_cancel_in_a_process"])
 def test_running_task_that_ignores_cancel_is_interrupted_after_the_grace(
     durable: Durable, task: str

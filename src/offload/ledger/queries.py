@@ -442,8 +442,20 @@ def _finish(
 
 _ENDED: dict[str, Any] = {"updated_at": _b("now"), "heartbeat_at": None}
 _FINISHED = {**_ENDED, "finished_at": _b("now"), "next_attempt_at": None}
-_END_SUCCESS = Prepared(
-    _END_CURRENT.values(state=RunState.SUCCESS.value, result=_b("result"), error=None, **_FINISHED)
+# A task that returns after its run was cancelled stopped for the cancel (or would have, had it
+# looked): CANCELLED, without its result. Deciding it in the write saves a read per run.
+_END_RETURNED = Prepared(
+    _END_CURRENT.values(
+        state=sa.case(
+            (runs.c.cancel_requested, RunState.CANCELLED.value), else_=RunState.SUCCESS.value
+        ),
+        result=sa.case(
+            (runs.c.cancel_requested, sa.null()),
+            else_=_b("result", type_=runs.c.result.type),
+        ),
+        error=None,
+        **_FINISHED,
+    ).returning(runs.c.state)
 )
 _END_CANCELLED = Prepared(_END_CURRENT.values(state=RunState.CANCELLED.value, **_FINISHED))
 _END_DEAD = Prepared(
@@ -482,6 +494,18 @@ def _end_attempt(
     ended = statement.first(conn, params)
     if ended is None:
         return False
+    _insert_attempt(conn, params, ended, outcome, error, traceback)
+    return True
+
+
+def _insert_attempt(
+    conn: Connection,
+    params: dict[str, Any],
+    ended: Any,
+    outcome: str,
+    error: str | None = None,
+    traceback: str | None = None,
+) -> None:
     _INSERT_ATTEMPT.all(
         conn,
         {
@@ -495,19 +519,26 @@ def _end_attempt(
             "traceback": traceback,
         },
     )
-    return True
 
 
-def finish_success(
+def finish_returned(
     conn: Connection, run_id: str, attempt: int, result: JSONValue, now: float
-) -> bool:
-    """SUCCESS with the result. False if the attempt had been declared lost meanwhile."""
+) -> RunState | None:
+    """The task returned: SUCCESS with the result, or CANCELLED if the run's cancel was asked
+    for meanwhile. None (nothing written) if the attempt had been declared lost meanwhile."""
     params = {"run_id": run_id, "attempt": attempt, "now": now, "result": result}
-    return _end_attempt(conn, _END_SUCCESS, params, "success")
+    ended = _END_RETURNED.first(conn, params)
+    if ended is None:
+        return None
+    state = RunState(ended.state)
+    outcome = "cancelled" if state is RunState.CANCELLED else "success"
+    _insert_attempt(conn, params, ended, outcome)
+    return state
 
 
 def finish_cancelled(conn: Connection, run_id: str, attempt: int, now: float) -> bool:
-    """CANCELLED: the task saw `ctx.cancelled` and stopped."""
+    """CANCELLED: the task stopped for a cancel (`TaskCancelledError`, raised by the task or
+    by the worker after the grace period)."""
     params = {"run_id": run_id, "attempt": attempt, "now": now}
     return _end_attempt(conn, _END_CANCELLED, params, "cancelled")
 
