@@ -280,7 +280,10 @@ class DurableLane:
         eta = None
         if countdown_s:
             eta = (datetime.now(UTC) + timedelta(seconds=countdown_s)).isoformat()
-        declared = self.celery.amqp.queues[name]
+        broker_q = self.celery.amqp.queues[name]
+        # kombu declares a queue once per connection, but asking it costs three copies of the
+        # entity and a retry wrapper on every publish: skip the question once it is declared.
+        declared = hash(broker_q) in producer.connection.declared_entities
         producer.publish(
             ((), kwargs, _NO_CANVAS),
             exchange="",
@@ -307,11 +310,11 @@ class DurableLane:
                 "stamped_headers": None,
                 "stamps": {},
             },
-            delivery_mode=declared.exchange.delivery_mode or PERSISTENT_DELIVERY_MODE,
+            delivery_mode=broker_q.exchange.delivery_mode or PERSISTENT_DELIVERY_MODE,
             priority=self._message_priority(priority),
             correlation_id=run_id,
             reply_to="",
-            declare=[declared],
+            declare=None if declared else [broker_q],
             **options,
         )
 
