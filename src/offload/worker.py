@@ -8,6 +8,11 @@ trip itself (`shared/notes/celery-tuning.md`: ~650/s for one consumer, ~1,300/s 
 
 `low_priority` makes the workers yield the CPU to the API process on the same machine:
 their own scheduling group (session autogroup, nice 19) and the idle scheduling policy.
+
+A supervisor with no thread of its own forks its consumers: they start with the app already
+imported (a restart after a hard timeout takes milliseconds, not a second of imports) and share
+its pages. A supervisor that runs threads (`offload serve` once uvicorn runs) starts them as
+fresh interpreters instead, because a fork copies locks that other threads hold.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,9 +134,43 @@ def run_celery_worker(
 @dataclass
 class _Child:
     name: str
-    argv: list[str]
-    process: subprocess.Popen[bytes] | None = None
+    pool: str
+    concurrency: int
+    queues: list[str]
+    hostname: str
+    process: subprocess.Popen[bytes] | _Forked | None = None
     restarts: int = 0
+
+
+class _Forked:
+    """A consumer forked from the supervisor: the part of `Popen` the supervisor uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: gone all the same
+                self.returncode = -1
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"consumer pid {self.pid}", timeout or 0.0)
+            time.sleep(0.05)
+        return code
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
 
 
 class Supervisor:
@@ -158,39 +199,30 @@ class Supervisor:
             wanted = set(queues)
             io_queues = [q for q in io_queues if q in wanted]
             cpu_queues = [q for q in cpu_queues if q.removesuffix(".cpu") in wanted or q in wanted]
-        common = [f"--loglevel={loglevel}"] + (["--low-priority"] if low_priority else [])
+        self.loglevel = loglevel
+        self.low_priority = low_priority
         self.children: list[_Child] = []
         for index in range(settings.worker_processes if io_queues else 0):
+            name = f"io{index}"
             self.children.append(
-                _Child(
-                    f"io{index}",
-                    self._argv("threads", settings.worker_threads, io_queues, f"io{index}", common),
-                )
+                _Child(name, "threads", settings.worker_threads, io_queues, self._hostname(name))
             )
         if cpu_queues:
             self.children.append(
                 _Child(
                     "cpu",
-                    self._argv("prefork", settings.worker_cpu_processes, cpu_queues, "cpu", common),
+                    "prefork",
+                    settings.worker_cpu_processes,
+                    cpu_queues,
+                    self._hostname("cpu"),
                 )
             )
         if not self.children:
             raise ConfigurationError(f"{spec}: no queue to consume (queues={list(queues or [])})")
 
-    def _argv(
-        self, pool: str, concurrency: int, queues: list[str], name: str, common: list[str]
-    ) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "offload.worker",
-            self.spec,
-            f"--pool={pool}",
-            f"--concurrency={concurrency}",
-            f"--queues={','.join(queues)}",
-            f"--hostname={name}-{os.getpid()}@%h",
-            *common,
-        ]
+    @staticmethod
+    def _hostname(name: str) -> str:
+        return f"{name}-{os.getpid()}@%h"
 
     def start(self) -> None:
         """Start every worker process."""
@@ -198,11 +230,66 @@ class Supervisor:
             self._spawn(child)
 
     def _spawn(self, child: _Child) -> None:
-        env = {**os.environ, **self.jobs.settings.as_env()}
-        child.process = subprocess.Popen(
-            child.argv, env=env, start_new_session=True, stdout=self.stdout, stderr=self.stdout
-        )
+        if threading.active_count() == 1:
+            child.process = self._fork(child)
+        else:
+            child.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "offload.worker",
+                    self.spec,
+                    f"--pool={child.pool}",
+                    f"--concurrency={child.concurrency}",
+                    f"--queues={','.join(child.queues)}",
+                    f"--hostname={child.hostname}",
+                    f"--loglevel={self.loglevel}",
+                    *(["--low-priority"] if self.low_priority else []),
+                ],
+                env={**os.environ, **self.jobs.settings.as_env()},
+                start_new_session=True,
+                stdout=self.stdout,
+                stderr=self.stdout,
+            )
         logger.info("worker %s started (pid %d)", child.name, child.process.pid)
+
+    def _fork(self, child: _Child) -> _Forked:
+        """Fork `child`'s consumer from this (single-threaded) process, in its own session."""
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()  # or the child writes the parent's buffered lines again
+        pid = os.fork()
+        if pid:
+            return _Forked(pid)
+        code = 1
+        try:
+            os.setsid()
+            if self.stdout is not None:
+                os.dup2(self.stdout.fileno(), 1)
+                os.dup2(self.stdout.fileno(), 2)
+            os.environ.update(self.jobs.settings.as_env())
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_DFL)
+            # Celery sets up the consumer's logging, as it does in a fresh process.
+            logging.root.handlers.clear()
+            run_celery_worker(
+                self.spec,
+                pool=child.pool,
+                concurrency=child.concurrency,
+                queues=child.queues,
+                hostname=child.hostname,
+                loglevel=self.loglevel,
+                low_priority=self.low_priority,
+            )
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except BaseException:  # noqa: BLE001 - printed, then the child exits 1
+            traceback.print_exc()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(code)
 
     def poll(self) -> None:
         """Start again every worker process that exited while we are not stopping."""
