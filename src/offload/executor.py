@@ -167,13 +167,15 @@ class Executor:
         """Write to the ledger, waiting out an outage of up to `ledger_outage_s`.
 
         The message stays unacknowledged meanwhile (the broker's lease is extended), so
-        nothing is lost; after the deadline it is handed back to the broker.
+        nothing is lost; after the deadline it is handed back to the broker. These writes
+        happen outside the task's own call, where no timeout or cancel interrupt lands, so the
+        pool's threads may commit them together.
         """
         deadline = time.monotonic() + self.settings.ledger_outage_s
         pause = 0.25
         while True:
             try:
-                return self.ledger.write(write)
+                return self.ledger.write_grouped(write)
             except LedgerError:
                 if time.monotonic() + pause > deadline:
                     logger.exception(

@@ -75,6 +75,27 @@ SHORT_WAIT_S = 0.05
 LONG_PAUSE_S = 0.005
 
 
+class _Write:
+    """One caller's write waiting for its turn: `fn`, then its result or its error."""
+
+    __slots__ = ("done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[[Connection], Any]) -> None:
+        self.fn = fn
+        self.done = False
+        self.result: Any = None
+        self.error: Exception | None = None
+
+
+class _WriteTurns:
+    """A process's SQLite writers: whose turn it is, and the grouped writes waiting for one."""
+
+    def __init__(self) -> None:
+        self.turn = threading.Lock()
+        self.guard = threading.Lock()
+        self.pending: list[_Write] = []
+
+
 class Ledger:
     """The SQL store of every durable run. Thread-safe; one per process is enough."""
 
@@ -89,7 +110,7 @@ class Ledger:
         self.busy_timeout_s = busy_timeout_s
         self._engine: Engine | None = None
         self._engine_pid = 0
-        self._sqlite_writers = threading.Lock()
+        self._sqlite_writers = _WriteTurns()
         self._schema_ready = False
 
     def __repr__(self) -> str:
@@ -108,7 +129,7 @@ class Ledger:
                 self._engine.dispose(close=False)
             self._engine = self._create_engine()
             self._engine_pid = os.getpid()
-            self._sqlite_writers = threading.Lock()
+            self._sqlite_writers = _WriteTurns()
         return self._engine
 
     def _create_engine(self) -> Engine:
@@ -175,12 +196,13 @@ class Ledger:
         self._schema_ready = True
 
     @contextlib.contextmanager
-    def _transaction(self, *, write: bool) -> Iterator[Connection]:
+    def _transaction(self, *, write: bool, holding_turn: bool = False) -> Iterator[Connection]:
         engine = self.engine
         # SQLite has one writer at a time: this process's writers take turns on a lock that
         # hands over at once, and only one of them polls the file lock against other processes.
         # Several threads polling it cost a worker more CPU than its ledger writes did.
-        turn = self._sqlite_writers if write and self.is_sqlite else contextlib.nullcontext()
+        take_turn = write and self.is_sqlite and not holding_turn
+        turn = self._sqlite_writers.turn if take_turn else contextlib.nullcontext()
         try:
             with turn:
                 conn = engine.connect()
@@ -201,6 +223,51 @@ class Ledger:
         self.ensure_schema()
         with self._transaction(write=True) as conn:
             return fn(conn)
+
+    def write_grouped(self, fn: Callable[[Connection], T]) -> T:
+        """`write()`, but on SQLite it may share one transaction with other threads' writes.
+
+        The writes that queue up while another commits go in together: one lock, one
+        commit. If one of them fails, each runs again alone, so only its caller sees the
+        error. For writes no interrupt can land in (a task's own thread may get a timeout
+        mid-write: use `write()` there), and whose `fn` only touches the database.
+        """
+        if not self.is_sqlite:
+            return self.write(fn)
+        self.ensure_schema()
+        writers = self._sqlite_writers
+        mine = _Write(fn)
+        with writers.guard:
+            writers.pending.append(mine)
+        with writers.turn:
+            if not mine.done:
+                with writers.guard:
+                    batch, writers.pending = writers.pending, []
+                try:
+                    self._commit_group(batch)
+                finally:
+                    # Interrupted (KeyboardInterrupt): the others' writes wait for the next turn.
+                    with writers.guard:
+                        writers.pending[:0] = [w for w in batch if not w.done]
+        if mine.error is not None:
+            raise mine.error
+        return mine.result  # type: ignore[no-any-return]
+
+    def _commit_group(self, batch: list[_Write]) -> None:
+        if len(batch) > 1:
+            with contextlib.suppress(Exception):
+                with self._transaction(write=True, holding_turn=True) as conn:
+                    results = [w.fn(conn) for w in batch]
+                for write, result in zip(batch, results, strict=True):
+                    write.result, write.done = result, True
+                return
+        for write in batch:
+            try:
+                with self._transaction(write=True, holding_turn=True) as conn:
+                    write.result = write.fn(conn)
+            except Exception as exc:  # noqa: BLE001 - raised again in the writer's own thread
+                write.error = exc
+            write.done = True
 
     def read(self, fn: Callable[[Connection], T]) -> T:
         """Run `fn` in one read transaction (never blocks writers on SQLite WAL)."""
