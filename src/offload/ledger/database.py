@@ -1,7 +1,8 @@
 """The ledger database: engine set-up, schema creation and versioning, transactions.
 
 SQLite: WAL, `synchronous=NORMAL`, a long busy timeout, and `BEGIN IMMEDIATE` for writers so
-two writers never deadlock upgrading a read lock. PostgreSQL: row locks (`FOR UPDATE`).
+two writers never deadlock upgrading a read lock; the writers of one process take turns, and
+a worker's writes that queue up commit together. PostgreSQL: row locks (`FOR UPDATE`).
 Engines are disposed in forked children: a prefork worker never shares its parent's socket.
 """
 
@@ -248,7 +249,7 @@ class Ledger:
                 finally:
                     # Interrupted (KeyboardInterrupt): the others' writes wait for the next turn.
                     with writers.guard:
-                        writers.pending[:0] = [w for w in batch if not w.done]
+                        writers.pending[:0] = [w for w in batch if not w.done and w is not mine]
         if mine.error is not None:
             raise mine.error
         return mine.result  # type: ignore[no-any-return]
