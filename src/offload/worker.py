@@ -10,7 +10,7 @@ trip itself (`shared/notes/celery-tuning.md`: ~650/s for one consumer, ~1,300/s 
 their own scheduling group (session autogroup, nice 19) and the idle scheduling policy.
 
 A supervisor with no thread of its own forks its consumers: they start with the app already
-imported (a restart after a hard timeout takes milliseconds, not a second of imports) and share
+imported (no second of imports per consumer, and per restart after a hard timeout) and share
 its pages. A supervisor that runs threads (`offload serve` once uvicorn runs) starts them as
 fresh interpreters instead, because a fork copies locks that other threads hold.
 """
