@@ -98,7 +98,8 @@ class System:
     def __post_init__(self) -> None:
         self.env = {
             **os.environ,
-            "PYTHONPATH": str(ROOT),
+            # This checkout's offload, also when another one is installed editable.
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
             "BENCH_COLLECTOR": self.collector.path,
         }
         if self.name.startswith("offload"):

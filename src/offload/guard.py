@@ -95,41 +95,52 @@ class LoopGuard:
         frame = sys._current_frames().get(self._loop_thread)
         if frame is None:
             return
-        stack = _stack(frame)
-        culprit = self._culprit(frame)
+        # Read who runs before anything slow (formatting reads source files): once the loop
+        # moves on, its task is no longer current and a finished frame forgets its caller.
+        task = asyncio.current_task(self._loop) if self._loop is not None else None
+        frames = _chain(frame)
+        culprit = _culprit(frames, task)
         logger.warning(
             "event loop blocked for more than %.0f ms by %s, at %s; %s\nblocking stack:\n%s",
             stalled_s * 1000,
             culprit,
-            _where(frame),
+            _where(frames),
             _HINT,
-            "".join(stack).rstrip(),
+            "".join(_stack(frames)).rstrip(),
         )
 
-    def _culprit(self, frame: FrameType) -> str:
-        task = asyncio.current_task(self._loop) if self._loop is not None else None
-        name = task.get_name() if task is not None else ""
-        if name.startswith(TASK_NAME_PREFIX):
-            task_name, _, run_id = name.removeprefix(TASK_NAME_PREFIX).rpartition(":")
-            return f"inline task {task_name!r} (run {run_id})"
-        background = None
-        endpoint = None
-        current: FrameType | None = frame
-        while current is not None:
-            code = current.f_code
-            if background is None and code.co_name == "__call__" and "self" in code.co_varnames:
-                owner = current.f_locals.get("self")
-                if type(owner).__name__ == "BackgroundTask":
-                    background = getattr(getattr(owner, "func", None), "__qualname__", "?")
-            if endpoint is None and "scope" in code.co_varnames:
-                endpoint = _endpoint(current.f_locals.get("scope"))
-            current = current.f_back
-        if background is not None:
-            after = f" after {endpoint}" if endpoint else ""
-            return f"BackgroundTasks task {background!r}{after}"
-        if endpoint is not None:
-            return endpoint
-        return f"asyncio task {name!r}" if name else "a callback outside any task"
+
+def _chain(frame: FrameType) -> list[FrameType]:
+    """`frame` and its callers, innermost first."""
+    frames = []
+    current: FrameType | None = frame
+    while current is not None:
+        frames.append(current)
+        current = current.f_back
+    return frames
+
+
+def _culprit(frames: list[FrameType], task: asyncio.Task[Any] | None) -> str:
+    name = task.get_name() if task is not None else ""
+    if name.startswith(TASK_NAME_PREFIX):
+        task_name, _, run_id = name.removeprefix(TASK_NAME_PREFIX).rpartition(":")
+        return f"inline task {task_name!r} (run {run_id})"
+    background = None
+    endpoint = None
+    for current in frames:
+        code = current.f_code
+        if background is None and code.co_name == "__call__" and "self" in code.co_varnames:
+            owner = current.f_locals.get("self")
+            if type(owner).__name__ == "BackgroundTask":
+                background = getattr(getattr(owner, "func", None), "__qualname__", "?")
+        if endpoint is None and "scope" in code.co_varnames:
+            endpoint = _endpoint(current.f_locals.get("scope"))
+    if background is not None:
+        after = f" after {endpoint}" if endpoint else ""
+        return f"BackgroundTasks task {background!r}{after}"
+    if endpoint is not None:
+        return endpoint
+    return f"asyncio task {name!r}" if name else "a callback outside any task"
 
 
 def _endpoint(scope: Any) -> str | None:
@@ -145,25 +156,22 @@ def _endpoint(scope: Any) -> str | None:
 _LIBRARY = (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"], "<")
 
 
-def _where(frame: FrameType) -> str:
+def _where(frames: list[FrameType]) -> str:
     """The innermost frame outside the standard library and site-packages, else the innermost."""
-    current: FrameType | None = frame
-    while current is not None:
-        filename = current.f_code.co_filename
-        if not filename.startswith(_LIBRARY) and "site-packages" not in filename:
-            break
-        current = current.f_back
-    chosen = current or frame
+    chosen = next(
+        (
+            f
+            for f in frames
+            if not f.f_code.co_filename.startswith(_LIBRARY)
+            and "site-packages" not in f.f_code.co_filename
+        ),
+        frames[0],
+    )
     return f"{chosen.f_code.co_filename}:{chosen.f_lineno} in {chosen.f_code.co_name}"
 
 
-def _stack(frame: FrameType) -> list[str]:
-    """The formatted stack of `frame`, cut below the event loop's running callback."""
-    frames: list[FrameType] = []
-    current: FrameType | None = frame
-    while current is not None:
-        frames.append(current)
-        current = current.f_back
+def _stack(frames: list[FrameType]) -> list[str]:
+    """The formatted stack (`frames` innermost first), cut below the loop's running callback."""
     for index, candidate in enumerate(frames):  # innermost first
         code = candidate.f_code
         if index and code.co_name == "_run" and code.co_filename.endswith("asyncio/events.py"):

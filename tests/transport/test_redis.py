@@ -464,3 +464,102 @@ def test_runs_complete_through_dropped_connections_and_a_server_restart(
     assert [key for key in keys if not key.startswith(prefix)] == []
     if pool == "prefork":
         assert len({r.pid for r in cluster.runs("burst")}) > concurrency
+
+
+# Taking waiting messages with one script: one round trip per delivery, acks riding along.
+
+
+def consuming_round_trips(server: OwnRedis) -> int:
+    """The BRPOPs, take scripts and MULTI/EXEC pipelines (kombu's bookkeeping and acks) run."""
+    with server.admin() as admin:
+        stats = admin.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in CONSUMING)
+
+
+CONSUMING = ("brpop", "evalsha", "exec")
+
+
+def unacked_records(server: OwnRedis, prefix: str = "") -> tuple[int, int]:
+    with server.admin() as admin:
+        return int(admin.hlen(prefix + "unacked")), int(admin.zcard(prefix + "unacked_index"))
+
+
+def finished_once(cluster: Any, tag: str) -> dict[str, int]:
+    """How many times each run of `tag` finished."""
+    counts: dict[str, int] = {}
+    for run in cluster.runs(tag):
+        if run.finished is not None:
+            counts[run.task_id] = counts.get(run.task_id, 0) + 1
+    return counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("transport", "most_per_run"),
+    [(REDIS_TRANSPORT, 1.5), ("redis", None)],
+    ids=["offload", "stock"],
+)
+def test_backlog_is_consumed_in_about_one_round_trip_per_run(
+    own_redis: OwnRedis, harness: HarnessFactory, transport: str, most_per_run: float | None
+) -> None:
+    # Given 200 runs waiting, and a worker of 4 threads started on them
+    prefix = "offload-test:"
+    cluster = harness(own_redis.url, transport, global_keyprefix=prefix)
+    sent = {cluster.send("backlog") for _ in range(200)}
+    with own_redis.admin() as admin:
+        admin.config_resetstat()
+    cluster.start_worker("threads", 4)
+
+    # When it has run them all
+    wait_until(lambda: set(finished_once(cluster, "backlog")) >= sent, 60, "the backlog")
+    round_trips = consuming_round_trips(own_redis)
+
+    # Then each ran once, every ack reached Redis, and offload's transport needed about one
+    # round trip per run where stock kombu needs three (BRPOP, unacked record, ack)
+    assert set(finished_once(cluster, "backlog").values()) == {1}
+    wait_until(lambda: unacked_records(own_redis, prefix) == (0, 0), 5, "every ack")
+    if most_per_run is None:
+        assert round_trips >= 3 * len(sent)
+    else:
+        assert round_trips <= most_per_run * len(sent)
+
+    # And after the server forgets its scripts (a restart, SCRIPT FLUSH), runs still go through
+    with own_redis.admin() as admin:
+        admin.script_flush()
+    more = {cluster.send("backlog") for _ in range(100)}
+    wait_until(lambda: set(finished_once(cluster, "backlog")) >= sent | more, 60, "more runs")
+    assert set(finished_once(cluster, "backlog").values()) == {1}
+    # (an idle worker's last acks wait 0.2 s for a round trip to ride on, then go alone)
+    wait_until(lambda: unacked_records(own_redis, prefix) == (0, 0), 2, "every ack")
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+@pytest.mark.timeout(90)
+def test_runs_a_killed_worker_took_with_the_script_all_come_back(
+    own_redis: OwnRedis, harness: HarnessFactory
+) -> None:
+    # Given 8 runs of 4 s waiting, and a worker of 4 threads that took four of them (the first
+    # with BRPOP, the others with the take script) and runs them
+    cluster = harness(
+        own_redis.url, REDIS_TRANSPORT, visibility_timeout=3, unacked_restore_interval=1
+    )
+    sent = {cluster.send("held", seconds=4.0) for _ in range(8)}
+    with own_redis.admin() as admin:
+        admin.config_resetstat()
+    worker = cluster.start_worker("threads", 4)
+    wait_until(lambda: len(cluster.runs("held")) == 4, 30, "four runs to start")
+    with own_redis.admin() as admin:
+        assert int(admin.info("commandstats")["cmdstat_evalsha"]["calls"]) >= 1
+
+    # When the worker is SIGKILLed while it holds them, and another one starts
+    worker.kill9()
+    killed = {run.task_id for run in cluster.runs("held")}
+    cluster.start_worker("threads", 4)
+
+    # Then every run finishes exactly once, the four killed ones as redeliveries
+    wait_until(lambda: set(finished_once(cluster, "held")) >= sent, 60, "every run")
+    assert set(finished_once(cluster, "held").values()) == {1}
+    redelivered = {r.task_id for r in cluster.runs("held") if r.redelivered}
+    assert redelivered == killed
+    wait_until(lambda: unacked_records(own_redis) == (0, 0), 5, "every ack")
