@@ -162,6 +162,71 @@ def test_killed_holder_lease_expires_and_message_is_redelivered(
     message.ack()
 
 
+def test_acks_from_pool_threads_ride_with_the_next_claim_and_none_comes_back(
+    connect: Any, sqlite_url: str
+) -> None:
+    # Given 30 messages, and a consumer loop whose callbacks hand each one to a thread that acks
+    # it, the way a threads pool acks a finished run
+    connection = connect()
+    for n in range(30):
+        publish(connection, {"n": n})
+    got: list[int] = []
+    ackers: list[threading.Thread] = []
+
+    def on_message(body: Any, message: Message) -> None:
+        got.append(body["n"])
+        ackers.append(threading.Thread(target=message.ack))
+        ackers[-1].start()
+
+    consumer = Consumer(connection, [Queue("q")], callbacks=[on_message], accept=["json"])
+    consumer.qos(prefetch_count=4)
+    consumer.consume()
+
+    # When the loop has consumed them all and finds nothing more to claim
+    while len(got) < 30:
+        connection.drain_events(timeout=5)
+    for acker in ackers:
+        acker.join(5)
+    with pytest.raises(TimeoutError):
+        connection.drain_events(timeout=0.3)
+
+    # Then each message came once, and every acked row is gone before the loop waits
+    assert sorted(got) == list(range(30))
+    assert sql(sqlite_url, "SELECT count(*) FROM messages") == [(0,)]
+
+
+def test_acks_a_stopped_consumer_loop_left_are_recorded_and_never_redelivered(
+    connect: Any, sqlite_url: str
+) -> None:
+    # Given a consumer loop that delivered one message and stopped, and a thread that acks it
+    # afterwards (nobody claims again to take the ack along)
+    connection = connect(lease_s=1.5)
+    publish(connection, {"n": 1})
+    received: list[Message] = []
+    consumer = Consumer(
+        connection, [Queue("q")], callbacks=[lambda _, m: received.append(m)], accept=["json"]
+    )
+    consumer.consume()
+    connection.drain_events(timeout=5)
+    acker = threading.Thread(target=received[0].ack)
+    acker.start()
+    acker.join(5)
+
+    # When another consumer looks for work for two lease periods
+    other = connect(lease_s=1.5)
+    deadline = time.monotonic() + 3.0
+    stolen = []
+    while time.monotonic() < deadline:
+        message = get(other)
+        if message is not None:
+            stolen.append(message)
+        time.sleep(0.1)
+
+    # Then it never got the acked message, and the row was deleted by the lease keeper
+    assert stolen == []
+    assert sql(sqlite_url, "SELECT count(*) FROM messages") == [(0,)]
+
+
 def test_reject_with_requeue_releases_the_row_without_a_copy(connect: Any, sqlite_url: str) -> None:
     connection = connect()
     publish(connection, {"n": 1})

@@ -12,9 +12,12 @@ Design:
 * A message is a row in ``messages`` until it is acked. Delivery claims a *lease* with one
   ``UPDATE … RETURNING`` on the first ready row of the queue (``priority DESC, id``), inside a
   ``BEGIN IMMEDIATE`` transaction, so two consumers can never claim one row and a poison or
-  garbage row moves to ``dead_letters`` atomically with its claim. Ack deletes the row. Requeue
-  and restore release the lease in place: no copies, so a reconnect or a shutdown never
-  duplicates a message (kombu's virtual QoS would re-publish one).
+  garbage row moves to ``dead_letters`` atomically with its claim. Ack deletes the row: once a
+  consumer loop runs in the process, in the transaction of its next claim (or before it waits,
+  or from the lease thread if the loop stopped), one write transaction per run instead of two;
+  the row stays leased until then. Requeue and restore release the lease in place: no copies,
+  so a reconnect or a shutdown never duplicates a message (kombu's virtual QoS would re-publish
+  one).
 * A daemon thread extends the leases of every row a channel holds (prefetched, running, or a
   countdown/ETA message Celery keeps in memory) every ``lease_s / 3``. A run may last any time
   while its worker lives; a killed worker's rows are deliverable again within one lease.
@@ -230,6 +233,12 @@ def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
+def _delete_rows(db: sqlite3.Connection, ids: list[int]) -> None:
+    for start in range(0, len(ids), 500):  # under SQLite's bound-parameter limit
+        chunk = ids[start : start + 500]
+        db.execute(f"DELETE FROM messages WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+
+
 def _connect(path: str, options: Options) -> sqlite3.Connection:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     db = sqlite3.connect(path, timeout=options.busy_timeout_s, isolation_level=None)
@@ -331,6 +340,7 @@ class QoS(virtual.QoS):
     def restore_unacked(self) -> None:
         if self._delivered:
             self._delivered.clear()  # restore_unacked_once() asserts it is empty afterwards
+        self.channel.flush_acks()  # an acked row is done: never give it back
         self.channel.release_all()
 
 
@@ -349,6 +359,8 @@ class Channel(virtual.Channel):
         self.transport = connection  # kombu drops .connection on close; late acks still need it
         self.holds_leases = False
         self._no_ack_queues: set[str] = set()
+        self._pending_acks: list[int] = []
+        self._pending_lock = threading.Lock()
         self._owner = ""
         self._owner_pid = -1
         connection.db()  # open the file and check its schema now: a bad file fails at connect
@@ -392,31 +404,20 @@ class Channel(virtual.Channel):
 
     def claim(self, queue: str, no_ack: bool = False) -> KombuMessage | None:
         """Lease the next message of ``queue`` (delete it at once if ``no_ack``), or None."""
-        transport, options = self.transport, self.transport.options
+        transport = self.transport
         transport.maybe_reap()
         db = transport.db()
         if not db.execute(_READY, (queue,)).fetchone():
             return None  # a read: idle polls of empty queues never take the write lock
         dead: list[tuple[str, bytes, str]] = []
-        reason: str | None
-        with _transaction(db):
-            while True:
-                until = transport.clock() + options.lease_s
-                rows = db.execute(_CLAIM, (until, self.owner, queue)).fetchall()
-                if not rows:
-                    message = None
-                    break
-                row_id, raw, deliveries = rows[0]
-                if options.max_deliveries and deliveries > options.max_deliveries:
-                    message, reason = None, _POISON.format(deliveries - 1, options.max_deliveries)
-                else:
-                    message, reason = _decode(raw)
-                if message is not None:
-                    if no_ack:
-                        db.execute("DELETE FROM messages WHERE id = ?", (row_id,))
-                    break
-                dead.append((queue, bytes(raw), str(reason)))
-                transport.move_to_dead_letters(db, row_id, str(reason))
+        acks = self._take_acks()
+        try:
+            with _transaction(db):
+                _delete_rows(db, acks)  # the acks given since the last claim ride along
+                message, row_id, deliveries = self._claim_one(db, queue, no_ack, dead)
+        except BaseException:
+            self._unsent_acks(acks)
+            raise
         for args in dead:
             _notify_dead_letter(*args)
         if message is None:
@@ -431,6 +432,29 @@ class Channel(virtual.Channel):
             self.holds_leases = True
             transport.keep_leases()
         return message
+
+    def _claim_one(
+        self, db: sqlite3.Connection, queue: str, no_ack: bool, dead: list[tuple[str, bytes, str]]
+    ) -> tuple[KombuMessage | None, int, int]:
+        """Lease the next readable message inside the caller's transaction; poison goes dead."""
+        transport, options = self.transport, self.transport.options
+        reason: str | None
+        while True:
+            until = transport.clock() + options.lease_s
+            rows = db.execute(_CLAIM, (until, self.owner, queue)).fetchall()
+            if not rows:
+                return None, 0, 0
+            row_id, raw, deliveries = rows[0]
+            if options.max_deliveries and deliveries > options.max_deliveries:
+                message, reason = None, _POISON.format(deliveries - 1, options.max_deliveries)
+            else:
+                message, reason = _decode(raw)
+            if message is not None:
+                if no_ack:
+                    db.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+                return message, row_id, deliveries
+            dead.append((queue, bytes(raw), str(reason)))
+            transport.move_to_dead_letters(db, row_id, str(reason))
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         raw = self.claim(queue, no_ack=no_ack)
@@ -456,11 +480,54 @@ class Channel(virtual.Channel):
 
     def basic_cancel(self, consumer_tag: str) -> Any:
         self._no_ack_queues.discard(self._tag_to_queue.get(consumer_tag, ""))
+        self.flush_acks()
         return super().basic_cancel(consumer_tag)
 
+    def close(self) -> None:
+        try:
+            self.flush_acks()
+        except sqlite3.Error:
+            logger.warning("acks not recorded before closing; their runs may be delivered again")
+        finally:
+            super().close()
+
     def ack_row(self, delivery_tag: str) -> None:
-        # Whoever acks first wins: a late ack of a row someone else re-claimed still means "done".
+        """Delete an acked row: with the consumer's next claim once this process consumes.
+
+        The ack wakes the consumer loop, which claims again at once and deletes the row in the
+        same transaction, or deletes it before it waits (`flush_acks`): one transaction less
+        per run. The lease keeper deletes what is left every ``lease_s / 3`` (a loop that
+        stopped), and keeps such rows leased meanwhile, so an acked row is never delivered
+        again while this process lives. Without a consumer loop in this process (a forked
+        child, `basic_get`) the row goes at once. Whoever acks first wins: a late ack of a row
+        someone else re-claimed still means "done".
+        """
+        if self.transport.consumes_here():
+            with self._pending_lock:
+                self._pending_acks.append(int(delivery_tag))
+            return
         self.transport.write("ack", "DELETE FROM messages WHERE id = ?", (int(delivery_tag),))
+
+    def _take_acks(self) -> list[int]:
+        with self._pending_lock:
+            acks, self._pending_acks = self._pending_acks, []
+        return acks
+
+    def _unsent_acks(self, acks: list[int]) -> None:
+        if acks:
+            with self._pending_lock:
+                self._pending_acks[:0] = acks
+
+    def flush_acks(self) -> None:
+        """Delete the acked rows that no claim took along."""
+        acks = self._take_acks()
+        if not acks:
+            return
+        try:
+            self.transport.retry("ack", lambda: _delete_rows(self.transport.db(), acks))
+        except BaseException:
+            self._unsent_acks(acks)
+            raise
 
     def release_row(self, delivery_tag: str) -> None:
         self.transport.write(
@@ -516,7 +583,8 @@ class Channel(virtual.Channel):
 
 
 class _LeaseKeeper(threading.Thread):
-    """Extends a transport's leases every ``lease_s / 3``, whatever its consumer loop does."""
+    """Extends a transport's leases every ``lease_s / 3``, whatever its consumer loop does, and
+    records the acks that loop left behind."""
 
     def __init__(self, transport: Transport) -> None:
         super().__init__(name="offload-sqlite-leases", daemon=True)
@@ -531,6 +599,10 @@ class _LeaseKeeper(threading.Thread):
             if transport is None:
                 return
             transport.extend_leases()
+            try:
+                transport.flush_acks()  # a consumer loop that stopped leaves its acks here
+            except sqlite3.Error:
+                logger.warning("cannot record acks in %s; retrying", transport.path, exc_info=True)
             del transport
 
 
@@ -560,6 +632,7 @@ class Transport(virtual.Transport):
         self._keeper: _LeaseKeeper | None = None
         self._next_reap = 0.0
         self._next_maintenance = 0.0
+        self._consumer_pid = -1
 
     def driver_version(self) -> str:
         return sqlite3.sqlite_version
@@ -653,7 +726,17 @@ class Transport(virtual.Transport):
         )
         return str(row[0]), bytes(row[1])
 
+    def consumes_here(self) -> bool:
+        """Whether a consumer loop (`drain_events`) has run in this process."""
+        return self._consumer_pid == os.getpid()
+
+    def flush_acks(self) -> None:
+        for channel in list(self.channels or ()):
+            if isinstance(channel, Channel):
+                channel.flush_acks()
+
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:  # type: ignore[override]
+        self._consumer_pid = os.getpid()
         deadline = None if timeout is None else time.monotonic() + timeout
         waker = self.waker()
         while True:
@@ -663,7 +746,12 @@ class Transport(virtual.Transport):
                 self.cycle.get(self._deliver, timeout=timeout)  # type: ignore[union-attr]
                 return
             except Empty:
-                pass
+                try:
+                    self.flush_acks()  # before waiting: no claim will take them along soon
+                except sqlite3.OperationalError as exc:
+                    if not _is_transient(exc):
+                        raise
+                    logger.warning("SQLite broker %s: acks wait (%s)", self.path, exc)
             except sqlite3.OperationalError as exc:
                 if not _is_transient(exc):
                     raise
