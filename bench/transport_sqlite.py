@@ -195,13 +195,15 @@ def workers(
                 )
             )
             log.close()
-        deadline = time.monotonic() + 60
-        while len(list(directory.glob("ready.*"))) < len(processes):
-            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
-                raise RuntimeError(
-                    f"{broker.name}/{layout}: workers did not start; see {directory}"
-                )
-            time.sleep(0.05)
+            # One at a time: two kombu-sqla workers creating its tables at once can lose the race.
+            deadline = time.monotonic() + 60
+            while len(list(directory.glob("ready.*"))) < len(processes):
+                if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                    logs = "".join(f.read_text() for f in directory.glob("worker*.log"))
+                    raise RuntimeError(
+                        f"{broker.name}/{layout}: workers did not start:\n{logs[-3000:]}"
+                    )
+                time.sleep(0.05)
         yield [p.pid for p in processes]
     finally:
         for process in processes:
