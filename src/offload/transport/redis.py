@@ -241,9 +241,9 @@ class Channel(redis.Channel):
         return True
 
     def _arm_ack_timer(self, delay_s: float) -> None:
-        if not self._ack_timer_armed:
+        loop: Any = getattr(self.connection, "event_loop", None)
+        if loop is not None and not self._ack_timer_armed:
             self._ack_timer_armed = True
-            loop: Any = getattr(self.connection, "event_loop", None)
             loop.call_later(delay_s, self._flush_overdue_acks)
 
     def _flush_overdue_acks(self) -> None:
@@ -486,8 +486,10 @@ class _Poller(redis.MultiChannelPoller):
             for channel in list(self._channels):
                 if not isinstance(channel, Channel) or not channel._pending_acks:
                     continue
-                waiting_for_message = channel._in_poll and channel._take_sent is None
-                if not waiting_for_message or now - channel._pending_since >= ACK_DELAY_MAX_S:
+                waited = now - channel._pending_since
+                if channel._in_poll and channel._take_sent is None and waited < ACK_DELAY_MAX_S:
+                    channel._arm_ack_timer(ACK_DELAY_MAX_S - waited)  # a BRPOP waits: not long
+                else:
                     channel.flush_acks()
 
 
