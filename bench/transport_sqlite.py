@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
+import select
 import shutil
 import signal
 import socket
@@ -153,21 +155,84 @@ BROKERS = [
 
 
 class Collector:
-    """Datagrams from the tasks: 'd' when a no-op ends, 's <time>' when a stamp starts."""
+    """Datagrams from the tasks: 'd' when a no-op ends, 's <time>' when a stamp starts.
+
+    A process of its own reads them as they arrive. A Unix datagram socket queues only
+    ``net.unix.max_dgram_qlen`` datagrams (10 by default), and a task whose report finds the
+    queue full blocks: a collector read only after the producer's loop stalled every worker
+    while the producer ran, so "end to end" measured enqueue time plus drain time, one core idle.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.bind(str(path))
+        self._requests, theirs = multiprocessing.get_context("fork").Pipe()
+        self._process = multiprocessing.get_context("fork").Process(
+            target=_collect, args=(str(path), theirs), daemon=True
+        )
+        self._process.start()
+        theirs.close()
+        self._requests.recv()  # bound
 
-    def receive(self, timeout: float) -> str:
-        self.sock.settimeout(timeout)
-        return self.sock.recv(256).decode()
+    def finished(self, count: int, timeout: float) -> float:
+        """Wait for ``count`` more no-op ends; return the time.monotonic() the last one came."""
+        return self._ask(("done", count, timeout))
+
+    def stamp(self, timeout: float) -> float:
+        """The next stamp a task sent (epoch seconds at its first line)."""
+        return self._ask(("stamp", 1, timeout))
+
+    def _ask(self, request: tuple[str, int, float]) -> float:
+        self._requests.send(request)
+        answer: float | None = self._requests.recv()
+        if answer is None:
+            raise TimeoutError(f"the tasks did not report {request[:2]} within {request[2]} s")
+        return answer
 
     def close(self) -> None:
-        self.sock.close()
+        self._requests.close()  # the collector ends at EOF
+        self._process.join(5)
+        self._process.kill()
         self.path.unlink(missing_ok=True)
+
+
+def _collect(path: str, requests: Any) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind(path)
+    sock.setblocking(False)
+    requests.send("bound")
+    ends: list[float] = []  # monotonic arrival time of every 'd' not yet answered
+    stamps: list[float] = []
+    asked: tuple[str, int, float] | None = None
+    while True:
+        wait = None if asked is None else max(0.0, asked[2] - time.monotonic())
+        readable, _, _ = select.select([sock, requests], [], [], wait)
+        while sock in readable:
+            try:
+                data = sock.recv(256)
+            except BlockingIOError:
+                break
+            if data == b"d":
+                ends.append(time.monotonic())  # CLOCK_MONOTONIC: the same in every process
+            else:
+                stamps.append(float(data.split()[1]))
+        if requests in readable:
+            try:
+                kind, count, timeout = requests.recv()
+            except EOFError:
+                return
+            asked = (kind, count, time.monotonic() + timeout)
+        if asked is None:
+            continue
+        kind, count, deadline = asked
+        got = ends if kind == "done" else stamps
+        if len(got) >= count:
+            requests.send(got[count - 1])
+            del got[:count]
+            asked = None
+        elif time.monotonic() >= deadline:
+            requests.send(None)
+            asked = None
 
 
 @contextlib.contextmanager
@@ -251,17 +316,14 @@ def measure(broker: Broker, layout: str, runs: int, idle_s: float) -> dict[str, 
             runs = min(runs, broker.runs_cap or runs)
             for i in range(50):  # warm-up: connections, pool processes, declarations
                 app.send_task("b.noop", args=[i])
-            for _ in range(50):
-                collector.receive(30)
+            collector.finished(50, 30)
             time.sleep(1.0)
 
-            started = time.perf_counter()
+            started = time.monotonic()
             for i in range(runs):
                 app.send_task("b.noop", args=[i])
-            enqueued = time.perf_counter()
-            for _ in range(runs):
-                collector.receive(120)
-            ended = time.perf_counter()
+            enqueued = time.monotonic()
+            ended = collector.finished(runs, 120)
             result["runs_per_s"] = runs / (ended - started)
             result["enqueue_per_s"] = runs / (enqueued - started)
 
@@ -269,7 +331,7 @@ def measure(broker: Broker, layout: str, runs: int, idle_s: float) -> dict[str, 
             for i in range(broker.latency_runs):
                 sent = time.time()
                 app.send_task("b.stamp", args=[i])
-                latencies.append(float(collector.receive(30).split()[1]) - sent)
+                latencies.append(collector.stamp(30) - sent)
             latencies.sort()
             result["p50_ms"] = 1000 * latencies[len(latencies) // 2]
             result["p99_ms"] = 1000 * latencies[int(len(latencies) * 0.99) - 1]

@@ -366,6 +366,39 @@ def test_dead_letters_are_trimmed(connect: Any, sqlite_url: str) -> None:
     assert [json.loads(b)["n"] for b in bodies] == [3, 4, 5]
 
 
+def test_a_drained_backlog_gives_its_space_back_to_the_filesystem(
+    connect: Any, sqlite_url: str
+) -> None:
+    # Given a backlog of 2,000 messages of 8 KB, all consumed and acked
+    connection = connect()
+    for n in range(2000):
+        publish(connection, {"n": n, "blob": "x" * 8000})
+    while (message := get(connection)) is not None:
+        message.ack()
+    path = database_path(sqlite_url)
+    [(full_pages,)] = sql(sqlite_url, "PRAGMA page_count")
+
+    # When the consumer's maintenance runs for a minute (its clock moved on), polling as it does
+    transport = connection.transport
+    assert isinstance(transport, Transport)
+    started = now = time.time()
+    transport.clock = lambda: now
+    for second in range(60, 121):
+        now = started + second
+        assert get(connection) is None
+
+    # Then the file shrank to under 4 MB of free pages (1,024), and the broker still works
+    sql(sqlite_url, "PRAGMA wal_checkpoint(TRUNCATE)")
+    [(pages,)] = sql(sqlite_url, "PRAGMA page_count")
+    assert full_pages > 4000
+    assert pages < 1100, (full_pages, pages)
+    assert os.path.getsize(path) < 1100 * 4096
+    publish(connection, {"n": "after"})
+    message = get(connection)
+    assert message is not None
+    assert message.payload == {"n": "after"}
+
+
 def test_pickle_is_refused_at_publish(connect: Any, sqlite_url: str) -> None:
     connection = connect()
     producer = Producer(connection.default_channel, serializer="pickle")

@@ -58,6 +58,7 @@ class Waker:
                 sock.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._self_r, selectors.EVENT_READ)
+        self.cleared = False  # no wait() since the last clear(): select() would see new ones
 
     @property
     def is_listening(self) -> bool:
@@ -113,6 +114,7 @@ class Waker:
             self._self_w.send(b"\0")
 
     def clear(self) -> None:
+        self.cleared = True
         for sock in (self._listener, self._self_r):
             if sock is None:
                 continue
@@ -122,6 +124,7 @@ class Waker:
 
     def wait(self, timeout: float) -> None:
         self._selector.select(timeout)
+        self.cleared = False
 
     def _unlisten(self) -> None:
         if self._listener is not None:

@@ -12,12 +12,13 @@ Design:
 * A message is a row in ``messages`` until it is acked. Delivery claims a *lease* with one
   ``UPDATE … RETURNING`` on the first ready row of the queue (``priority DESC, id``), inside a
   ``BEGIN IMMEDIATE`` transaction, so two consumers can never claim one row and a poison or
-  garbage row moves to ``dead_letters`` atomically with its claim. Ack deletes the row: once a
-  consumer loop runs in the process, in the transaction of its next claim (or before it waits,
-  or from the lease thread if the loop stopped), one write transaction per run instead of two;
-  the row stays leased until then. Requeue and restore release the lease in place: no copies,
-  so a reconnect or a shutdown never duplicates a message (kombu's virtual QoS would re-publish
-  one).
+  garbage row moves to ``dead_letters`` atomically with its claim. A claim that saw more rows
+  waiting lets the next one skip its read-only look. Ack deletes the row: once a consumer loop
+  runs in the process, in the transaction of its next claim (or ``ACK_DELAY_MAX_S`` after the
+  loop found nothing to claim, or from the lease thread if the loop stopped), one write
+  transaction per run instead of two; the row stays leased until then. Requeue and restore
+  release the lease in place: no copies, so a reconnect or a shutdown never duplicates a
+  message (kombu's virtual QoS would re-publish one).
 * A daemon thread extends the leases of every row a channel holds (prefetched, running, or a
   countdown/ETA message Celery keeps in memory) every ``lease_s / 3``. A run may last any time
   while its worker lives; a killed worker's rows are deliverable again within one lease.
@@ -28,13 +29,17 @@ Design:
 * Wake-ups (:mod:`offload.transport._wake`): consumers wait in ``select()`` on a UNIX datagram
   socket for at most ``polling_interval`` (1 s); a producer pokes every consumer after its
   commit, and an ack pokes its own consumer (a prefetch slot reopened, where kombu would sleep a
-  whole polling interval). We keep kombu's synchronous loop rather than ``asynchronous=True``:
-  a claim or ack may block on SQLite's lock for up to the busy timeout, which in Celery's event
-  loop would stall the hub that also enforces time limits and handles pool results; in the
-  synchronous loop those run on their own threads. It measured better than Celery on Redis's
-  event loop anyway (``bench/transport_sqlite.py``: ~1 ms median pickup, ~0 % idle CPU).
+  whole polling interval). A consumer reads its wake-ups only when it found nothing to claim,
+  then looks once more before it waits. We keep kombu's synchronous loop rather than
+  ``asynchronous=True``: a claim or ack may block on SQLite's lock for up to the busy timeout,
+  which in Celery's event loop would stall the hub that also enforces time limits and handles
+  pool results; in the synchronous loop those run on their own threads. It measured better than
+  Celery on Redis's event loop anyway (``bench/transport_sqlite.py``: ~1 ms median pickup, ~0 %
+  idle CPU).
 * WAL, ``synchronous=NORMAL``, one connection per thread and per process (a forked child never
-  touches its parent's handle), a 60 s busy timeout. sqlite3 errors are *channel* errors, never
+  touches its parent's handle), a 60 s busy timeout with SQLite's own busy handler (its first
+  sleep is 1 ms: retrying every 20-200 µs, as the ledger does, let two consumers claiming back to
+  back collide so often that a drain ran 20 % slower). sqlite3 errors are *channel* errors, never
   connection errors: a held write lock must not look like a lost connection, because Celery's
   reconnect path restores and re-runs work. The consumer rides out busy/locked errors itself.
 
@@ -134,6 +139,24 @@ _TRANSIENT_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite
 _WRITE_ATTEMPTS = 5  # for acks and releases, each attempt already waits busy_timeout_s
 _MAINTENANCE_S = 60.0
 _VACUUM_FREE_PAGES = 1024
+_VACUUM_SLICE_EVERY_S = 1.0
+#: How long a consumer that found nothing to claim keeps its acks, for a claim to take along.
+ACK_DELAY_MAX_S = 0.05
+
+_pid = os.getpid()
+
+
+def _current_pid() -> int:
+    """``os.getpid()`` without its syscall: a claim and its ack asked about eight times."""
+    return _pid
+
+
+def _pid_after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_pid_after_fork)
 
 _dead_letter_listeners: list[DeadLetterListener] = []
 # Handles and sockets inherited through fork(): the child must never use or close them (closing a
@@ -360,7 +383,9 @@ class Channel(virtual.Channel):
         self.holds_leases = False
         self._no_ack_queues: set[str] = set()
         self._pending_acks: list[int] = []
+        self._pending_since = 0.0  # monotonic time of the oldest pending ack
         self._pending_lock = threading.Lock()
+        self._backlog: set[str] = set()  # queues whose last claim found a message
         self._owner = ""
         self._owner_pid = -1
         connection.db()  # open the file and check its schema now: a bad file fails at connect
@@ -368,7 +393,7 @@ class Channel(virtual.Channel):
     @property
     def owner(self) -> str:
         """Lease owner id, new in every process so a forked child never extends or frees ours."""
-        pid = os.getpid()
+        pid = _current_pid()
         if self._owner_pid != pid:
             self._owner = f"{socket.gethostname()}:{pid}:{secrets.token_hex(4)}"
             self._owner_pid = pid
@@ -407,17 +432,25 @@ class Channel(virtual.Channel):
         transport = self.transport
         transport.maybe_reap()
         db = transport.db()
-        if not db.execute(_READY, (queue,)).fetchone():
-            return None  # a read: idle polls of empty queues never take the write lock
+        # A read first, so idle polls of an empty queue never take the write lock. Skipped when
+        # the last claim saw more waiting: a read transaction of its own cost more than the
+        # look inside the claim's transaction below.
+        if queue not in self._backlog and not db.execute(_READY, (queue,)).fetchone():
+            return None
         dead: list[tuple[str, bytes, str]] = []
         acks = self._take_acks()
         try:
             with _transaction(db):
                 _delete_rows(db, acks)  # the acks given since the last claim ride along
                 message, row_id, deliveries = self._claim_one(db, queue, no_ack, dead)
+                more = message is not None and db.execute(_READY, (queue,)).fetchone()
         except BaseException:
             self._unsent_acks(acks)
             raise
+        if more:
+            self._backlog.add(queue)
+        else:
+            self._backlog.discard(queue)
         for args in dead:
             _notify_dead_letter(*args)
         if message is None:
@@ -504,6 +537,8 @@ class Channel(virtual.Channel):
         """
         if self.transport.consumes_here():
             with self._pending_lock:
+                if not self._pending_acks:
+                    self._pending_since = time.monotonic()
                 self._pending_acks.append(int(delivery_tag))
             return
         self.transport.write("ack", "DELETE FROM messages WHERE id = ?", (int(delivery_tag),))
@@ -516,7 +551,16 @@ class Channel(virtual.Channel):
     def _unsent_acks(self, acks: list[int]) -> None:
         if acks:
             with self._pending_lock:
+                if not self._pending_acks:
+                    self._pending_since = time.monotonic()
                 self._pending_acks[:0] = acks
+
+    def acks_due_in(self) -> float | None:
+        """Seconds until the pending acks should be flushed (<= 0: now), None without any."""
+        with self._pending_lock:
+            if not self._pending_acks:
+                return None
+            return self._pending_since + ACK_DELAY_MAX_S - time.monotonic()
 
     def flush_acks(self) -> None:
         """Delete the acked rows that no claim took along."""
@@ -588,7 +632,7 @@ class _LeaseKeeper(threading.Thread):
 
     def __init__(self, transport: Transport) -> None:
         super().__init__(name="offload-sqlite-leases", daemon=True)
-        self.pid = os.getpid()
+        self.pid = _current_pid()
         self.stopped = threading.Event()
         self._transport = weakref.ref(transport)
         self._interval = transport.options.lease_s / 3
@@ -642,7 +686,7 @@ class Transport(virtual.Transport):
 
     def db(self) -> sqlite3.Connection:
         """This thread's connection to the broker file (a forked child opens its own)."""
-        local, pid = self._local, os.getpid()
+        local, pid = self._local, _current_pid()
         db: sqlite3.Connection | None = getattr(local, "db", None)
         if db is None or local.pid != pid:
             if db is not None:
@@ -653,10 +697,10 @@ class Transport(virtual.Transport):
 
     def waker(self) -> Waker:
         waker = self._waker
-        if waker is None or waker.pid != os.getpid():
+        if waker is None or waker.pid != _current_pid():
             with self._lock:
                 waker = self._waker
-                if waker is None or waker.pid != os.getpid():
+                if waker is None or waker.pid != _current_pid():
                     if waker is not None:
                         _inherited.append(waker)
                     waker = self._waker = Waker(wake_directory(self.path))
@@ -664,7 +708,7 @@ class Transport(virtual.Transport):
 
     def keep_leases(self) -> None:
         keeper = self._keeper
-        if keeper is None or keeper.pid != os.getpid() or not keeper.is_alive():
+        if keeper is None or keeper.pid != _current_pid() or not keeper.is_alive():
             with self._lock:
                 if self._keeper is keeper:
                     self._keeper = _LeaseKeeper(self)
@@ -728,26 +772,45 @@ class Transport(virtual.Transport):
 
     def consumes_here(self) -> bool:
         """Whether a consumer loop (`drain_events`) has run in this process."""
-        return self._consumer_pid == os.getpid()
+        return self._consumer_pid == _current_pid()
 
     def flush_acks(self) -> None:
         for channel in list(self.channels or ()):
             if isinstance(channel, Channel):
                 channel.flush_acks()
 
+    def flush_overdue_acks(self) -> float | None:
+        """Flush the acks kept for ``ACK_DELAY_MAX_S``; return seconds until the next are due."""
+        next_due = None
+        for channel in list(self.channels or ()):
+            if not isinstance(channel, Channel) or (due := channel.acks_due_in()) is None:
+                continue
+            if due <= 0:
+                channel.flush_acks()
+            elif next_due is None or due < next_due:
+                next_due = due
+        return next_due
+
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:  # type: ignore[override]
-        self._consumer_pid = os.getpid()
+        self._consumer_pid = _current_pid()
         deadline = None if timeout is None else time.monotonic() + timeout
         waker = self.waker()
         while True:
-            waker.clear()  # before polling: a commit after our poll leaves a byte for select()
+            acks_due = None
             try:
                 self.maybe_reap()
                 self.cycle.get(self._deliver, timeout=timeout)  # type: ignore[union-attr]
                 return
             except Empty:
+                if not waker.cleared:
+                    # Read the wake-ups only now, then look once more: a commit after this
+                    # leaves a byte for select(). While messages keep coming the loop reads
+                    # none (each read is a syscall, and a GIL hand-off in a prefork worker),
+                    # and a producer's wake-up to a full queue fails at once, waking no one.
+                    waker.clear()
+                    continue
                 try:
-                    self.flush_acks()  # before waiting: no claim will take them along soon
+                    acks_due = self.flush_overdue_acks()  # a claim soon takes the rest along
                 except sqlite3.OperationalError as exc:
                     if not _is_transient(exc):
                         raise
@@ -756,7 +819,10 @@ class Transport(virtual.Transport):
                 if not _is_transient(exc):
                     raise
                 logger.warning("SQLite broker %s is busy (%s); consumer waits", self.path, exc)
+                waker.clear()
             wait = self.polling_interval if waker.is_listening else min(self.polling_interval, 0.05)
+            if acks_due is not None:
+                wait = min(wait, acks_due)
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
@@ -782,9 +848,14 @@ class Transport(virtual.Transport):
             if self._waker is not None and self._waker.path is not None:
                 self._waker.listen()  # rebinds if someone removed our socket file
             free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
-            if free > _VACUUM_FREE_PAGES:  # in slices: vacuuming holds the write lock
-                pages = min(free, 16 * _VACUUM_FREE_PAGES)
-                db.execute(f"PRAGMA incremental_vacuum({pages})").fetchall()
+            if free > _VACUUM_FREE_PAGES:
+                # In slices of ~8 ms, one a second: vacuuming holds the write lock. Each step of
+                # the statement frees one page, and sqlite3 steps a statement that returns no
+                # rows only once: hence one execute per page.
+                with _transaction(db):
+                    for _ in range(_VACUUM_FREE_PAGES):
+                        db.execute("PRAGMA incremental_vacuum(1)")
+                self._next_maintenance = now + _VACUUM_SLICE_EVERY_S
 
     def close_connection(self, connection: Any) -> None:
         try:
@@ -798,6 +869,6 @@ class Transport(virtual.Transport):
             if waker is not None:
                 waker.close()
             db = getattr(self._local, "db", None)
-            if db is not None and self._local.pid == os.getpid():
+            if db is not None and self._local.pid == _current_pid():
                 self._local.db = None
                 db.close()
