@@ -12,13 +12,12 @@ Design:
 * A message is a row in ``messages`` until it is acked. Delivery claims a *lease* with one
   ``UPDATE … RETURNING`` on the first ready row of the queue (``priority DESC, id``), inside a
   ``BEGIN IMMEDIATE`` transaction, so two consumers can never claim one row and a poison or
-  garbage row moves to ``dead_letters`` atomically with its claim. A claim that saw more rows
-  waiting lets the next one skip its read-only look. Ack deletes the row: once a consumer loop
-  runs in the process, in the transaction of its next claim (or ``ACK_DELAY_MAX_S`` after the
-  loop found nothing to claim, or from the lease thread if the loop stopped), one write
-  transaction per run instead of two; the row stays leased until then. Requeue and restore
-  release the lease in place: no copies, so a reconnect or a shutdown never duplicates a
-  message (kombu's virtual QoS would re-publish one).
+  garbage row moves to ``dead_letters`` atomically with its claim. Ack deletes the row: once a
+  consumer loop runs in the process, in the transaction of its next claim (or
+  ``ACK_DELAY_MAX_S`` after the loop found nothing to claim, or from the lease thread if the
+  loop stopped), one write transaction per run instead of two; the row stays leased until
+  then. Requeue and restore release the lease in place: no copies, so a reconnect or a
+  shutdown never duplicates a message (kombu's virtual QoS would re-publish one).
 * A daemon thread extends the leases of every row a channel holds (prefetched, running, or a
   countdown/ETA message Celery keeps in memory) every ``lease_s / 3``. A run may last any time
   while its worker lives; a killed worker's rows are deliverable again within one lease.
@@ -385,7 +384,6 @@ class Channel(virtual.Channel):
         self._pending_acks: list[int] = []
         self._pending_since = 0.0  # monotonic time of the oldest pending ack
         self._pending_lock = threading.Lock()
-        self._backlog: set[str] = set()  # queues whose last claim found a message
         self._owner = ""
         self._owner_pid = -1
         connection.db()  # open the file and check its schema now: a bad file fails at connect
@@ -432,25 +430,17 @@ class Channel(virtual.Channel):
         transport = self.transport
         transport.maybe_reap()
         db = transport.db()
-        # A read first, so idle polls of an empty queue never take the write lock. Skipped when
-        # the last claim saw more waiting: a read transaction of its own cost more than the
-        # look inside the claim's transaction below.
-        if queue not in self._backlog and not db.execute(_READY, (queue,)).fetchone():
-            return None
+        if not db.execute(_READY, (queue,)).fetchone():
+            return None  # a read: idle polls of empty queues never take the write lock
         dead: list[tuple[str, bytes, str]] = []
         acks = self._take_acks()
         try:
             with _transaction(db):
                 _delete_rows(db, acks)  # the acks given since the last claim ride along
                 message, row_id, deliveries = self._claim_one(db, queue, no_ack, dead)
-                more = message is not None and db.execute(_READY, (queue,)).fetchone()
         except BaseException:
             self._unsent_acks(acks)
             raise
-        if more:
-            self._backlog.add(queue)
-        else:
-            self._backlog.discard(queue)
         for args in dead:
             _notify_dead_letter(*args)
         if message is None:
