@@ -165,10 +165,9 @@ class Collector:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._requests, theirs = multiprocessing.get_context("fork").Pipe()
-        self._process = multiprocessing.get_context("fork").Process(
-            target=_collect, args=(str(path), theirs), daemon=True
-        )
+        fork = multiprocessing.get_context("fork")
+        self._requests, theirs = fork.Pipe()
+        self._process = fork.Process(target=_collect, args=(str(path), theirs), daemon=True)
         self._process.start()
         theirs.close()
         self._requests.recv()  # bound

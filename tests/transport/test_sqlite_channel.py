@@ -190,7 +190,8 @@ def test_acks_from_pool_threads_ride_with_the_next_claim_and_none_comes_back(
     with pytest.raises(TimeoutError):
         connection.drain_events(timeout=0.3)
 
-    # Then each message came once, and every acked row is gone before the loop waits
+    # Then each message came once, and every acked row is gone once the loop found nothing
+    # to claim for ACK_DELAY_MAX_S (0.05 s)
     assert sorted(got) == list(range(30))
     assert sql(sqlite_url, "SELECT count(*) FROM messages") == [(0,)]
 

@@ -518,12 +518,12 @@ class Channel(virtual.Channel):
         """Delete an acked row: with the consumer's next claim once this process consumes.
 
         The ack wakes the consumer loop, which claims again at once and deletes the row in the
-        same transaction, or deletes it before it waits (`flush_acks`): one transaction less
-        per run. The lease keeper deletes what is left every ``lease_s / 3`` (a loop that
-        stopped), and keeps such rows leased meanwhile, so an acked row is never delivered
-        again while this process lives. Without a consumer loop in this process (a forked
-        child, `basic_get`) the row goes at once. Whoever acks first wins: a late ack of a row
-        someone else re-claimed still means "done".
+        same transaction, or, finding nothing to claim, deletes it ``ACK_DELAY_MAX_S`` later
+        (`flush_overdue_acks`): one transaction less per run. The lease keeper deletes what is
+        left every ``lease_s / 3`` (a loop that stopped), and keeps such rows leased
+        meanwhile, so an acked row is never delivered again while this process lives. Without
+        a consumer loop in this process (a forked child, `basic_get`) the row goes at once.
+        Whoever acks first wins: a late ack of a row someone else re-claimed still means "done".
         """
         if self.transport.consumes_here():
             with self._pending_lock:
