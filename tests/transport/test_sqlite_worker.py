@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +64,23 @@ def test_run_three_times_longer_than_the_lease_runs_once(
 
 
 @pytest.mark.timeout(60)
+def test_a_backlog_drains_at_once_on_a_prefork_worker_without_waiting_for_the_poll(
+    harness: HarnessFactory, sqlite_url: str
+) -> None:
+    # Given a prefork worker (Celery's event loop) that polls only every 30 s
+    cluster = harness(sqlite_url, polling_interval=30.0)
+    cluster.start_worker(pool="prefork", concurrency=2)
+
+    # When 1,000 runs are published as fast as one producer can
+    for _ in range(1000):
+        cluster.send("backlog")
+
+    # Then wake-ups and acks alone keep the worker claiming: every run ends well before a poll
+    cluster.wait_finished("backlog", timeout=25, count=1000)
+    wait_until(lambda: broker_rows(sqlite_url) == [], 5, "every ack to delete its row")
+
+
+@pytest.mark.timeout(60)
 def test_countdown_message_survives_sigkill(harness: HarnessFactory, sqlite_url: str) -> None:
     # Given a countdown message the worker already holds in memory (acks late, unacked)
     cluster = harness(sqlite_url, lease_s=2.0)
@@ -89,9 +109,25 @@ db.execute("COMMIT")
 """
 
 
+@contextlib.contextmanager
+def write_lock_held(
+    sqlite_url: str, directory: Path, seconds: float
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Another process holds the broker's write lock for ``seconds``, from when this yields."""
+    marker = directory / "locked"
+    path = sqlite_url.removeprefix("sqlite:///")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, path, marker, str(seconds)])
+    try:
+        wait_until(marker.exists, 10, "the lock to be held")
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @pytest.mark.timeout(60)
 def test_held_write_lock_loses_nothing_duplicates_nothing_and_keeps_the_consumer(
-    harness: HarnessFactory, sqlite_url: str, tmp_path: object
+    harness: HarnessFactory, sqlite_url: str
 ) -> None:
     # Given a worker whose busy timeout (2 s) is shorter than a lock another process holds (5 s)
     cluster = harness(sqlite_url, busy_timeout_s=2.0)
@@ -101,18 +137,10 @@ def test_held_write_lock_loses_nothing_duplicates_nothing_and_keeps_the_consumer
 
     # When the lock is taken while that run is going (so its ack, the lease keeper and the
     # idle consumer all hit it), and another run is published during the lock
-    marker = cluster.directory / "locked"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, sqlite_url.removeprefix("sqlite:///"), marker, "5"]
-    )
-    try:
-        wait_until(marker.exists, 10, "the lock to be held")
+    with write_lock_held(sqlite_url, cluster.directory, 5) as holder:
         producer = harness(sqlite_url, busy_timeout_s=30.0)  # a patient producer: it waits
         producer.send("after")
         assert holder.wait(timeout=15) == 0
-    finally:
-        holder.kill()
-        holder.wait()
 
     # Then both runs happen exactly once, and the consumer never reconnected
     [during] = cluster.wait_finished("during", timeout=20)
@@ -124,6 +152,37 @@ def test_held_write_lock_loses_nothing_duplicates_nothing_and_keeps_the_consumer
     assert "database is locked" in log  # the lock was really met
     assert "Connection to broker lost" not in log
     assert "Restoring" not in log
+    assert worker.alive
+
+
+@pytest.mark.timeout(60)
+def test_time_limits_fire_while_another_process_holds_the_write_lock(
+    harness: HarnessFactory, sqlite_url: str
+) -> None:
+    # Given a prefork worker with the default patience (busy timeout 60 s) running a run with a
+    # 2 s hard time limit and a short one, and a third message waiting for a free slot
+    cluster = harness(sqlite_url)
+    worker = cluster.start_worker(pool="prefork", concurrency=2)
+    cluster.send("limited", seconds=30.0, time_limit=2)
+    cluster.send("short", seconds=1.0)
+    wait_until(lambda: cluster.runs("limited") and cluster.runs("short"), 15, "both to start")
+    cluster.send("waiting")
+
+    # When another process holds the write lock for 8 s, so the claim that follows the short
+    # run's ack meets it
+    with write_lock_held(sqlite_url, cluster.directory, 8) as holder:
+        # Then the event loop is not stuck in that claim: the time limit kills the long run
+        # while the lock is still held, and the claim is retried
+        wait_until(lambda: "Hard time limit (2" in worker.log(), 6, "the hard time limit")
+        assert holder.poll() is None, "the time limit fired only after the lock was released"
+        assert "consumer retries" in worker.log()
+        assert holder.wait(timeout=15) == 0
+
+    # And the waiting run goes once the lock is gone, and nothing is left behind
+    cluster.wait_finished("waiting", timeout=15)
+    [limited] = cluster.runs("limited")
+    assert limited.finished is None
+    wait_until(lambda: broker_rows(sqlite_url) == [], 10, "every ack to delete its row")
     assert worker.alive
 
 

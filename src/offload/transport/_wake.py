@@ -51,7 +51,7 @@ class Waker:
         self.path: str | None = None
         self._listener: socket.socket | None = None
         self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if directory else None
-        # Acks come from other threads (prefork's result handler): a socketpair wakes our select.
+        # An ack wakes its own consumer through a socketpair, from any thread or the loop itself.
         self._self_r, self._self_w = socket.socketpair()
         for sock in (self._sender, self._self_r, self._self_w):
             if sock is not None:
@@ -62,9 +62,11 @@ class Waker:
 
     @property
     def is_listening(self) -> bool:
+        """Whether producers can reach us (a stat(): `listen()` checks it, not every wait)."""
         return self.path is not None and os.path.exists(self.path)
 
     def listen(self) -> None:
+        """Bind our socket, or bind it again if its file was removed (a cleaned temp dir)."""
         if self.directory is None or self.is_listening:
             return
         self._unlisten()
@@ -109,14 +111,19 @@ class Waker:
             except OSError:  # not ours to write, say: that consumer polls at its cap
                 logger.debug("cannot wake the consumer at %s", path, exc_info=True)
 
+    def filenos(self) -> tuple[int, ...]:
+        """The sockets a wake-up arrives on, for an event loop to watch; they change on rebind."""
+        return tuple(s.fileno() for s in (self._listener, self._self_r) if s is not None)
+
     def notify_self(self) -> None:
         with contextlib.suppress(OSError):
             self._self_w.send(b"\0")
 
-    def clear(self) -> None:
+    def clear(self, fileno: int | None = None) -> None:
+        """Read the pending wake-ups: of every socket, or only of the one an event loop saw."""
         self.cleared = True
         for sock in (self._listener, self._self_r):
-            if sock is None:
+            if sock is None or (fileno is not None and sock.fileno() != fileno):
                 continue
             with contextlib.suppress(OSError):
                 while sock.recv(512):

@@ -25,16 +25,17 @@ Design:
 * A row claimed more than ``max_deliveries`` times (the worker probably crashes running it), a
   payload that is not a JSON kombu message, and a reject without requeue all move the row to
   ``dead_letters`` (trimmed to ``dead_letters_max``); :func:`add_dead_letter_listener` hooks run.
-* Wake-ups (:mod:`offload.transport._wake`): consumers wait in ``select()`` on a UNIX datagram
-  socket for at most ``polling_interval`` (1 s); a producer pokes every consumer after its
-  commit, and an ack pokes its own consumer (a prefetch slot reopened, where kombu would sleep a
-  whole polling interval). A consumer reads its wake-ups only when it found nothing to claim,
-  then looks once more before it waits. We keep kombu's synchronous loop rather than
-  ``asynchronous=True``: a claim or ack may block on SQLite's lock for up to the busy timeout,
-  which in Celery's event loop would stall the hub that also enforces time limits and handles
-  pool results; in the synchronous loop those run on their own threads. It measured better than
-  Celery on Redis's event loop anyway (``bench/transport_sqlite.py``: ~1 ms median pickup, ~0 %
-  idle CPU).
+* Wake-ups (:mod:`offload.transport._wake`): consumers wait on a UNIX datagram socket for at
+  most ``polling_interval`` (1 s); a producer pokes every consumer after its commit, and an ack
+  pokes its own consumer (a prefetch slot reopened, where kombu would sleep a whole polling
+  interval).
+* Celery's workers consume from their event loop (``asynchronous=True``,
+  `Transport.register_with_event_loop`), as on Redis: a prefork worker then has no result and
+  task handler threads contending for the GIL with its consumer. The loop's claims use a
+  connection with a 50 ms busy timeout and retry from a timer, so a held write lock never
+  stalls the loop that enforces time limits. Outside an event loop (``drain_events``: kombu
+  consumers, ``celery worker`` on gevent/eventlet) a consumer reads its wake-ups only when it
+  found nothing to claim, then looks once more before it waits.
 * WAL, ``synchronous=NORMAL``, one connection per thread and per process (a forked child never
   touches its parent's handle), a 60 s busy timeout with SQLite's own busy handler (its first
   sleep is 1 ms: retrying every 20-200 µs, as the ledger does, let two consumers claiming back to
@@ -141,6 +142,12 @@ _VACUUM_FREE_PAGES = 1024
 _VACUUM_SLICE_EVERY_S = 1.0
 #: How long a consumer that found nothing to claim keeps its acks, for a claim to take along.
 ACK_DELAY_MAX_S = 0.05
+_POLL_WITHOUT_WAKEUPS_S = 0.05
+#: The busy timeout of the event loop's own connection: a claim that finds the write lock held
+#: longer gives up and is retried from a timer, so the loop goes on with time limits and results.
+_LOOP_BUSY_TIMEOUT_S = 0.05
+_LOOP_BUSY_RETRY_S = 0.05
+_BUSY_LOG_EVERY_S = 10.0
 
 _pid = os.getpid()
 
@@ -261,9 +268,13 @@ def _delete_rows(db: sqlite3.Connection, ids: list[int]) -> None:
         db.execute(f"DELETE FROM messages WHERE id IN ({','.join('?' * len(chunk))})", chunk)
 
 
-def _connect(path: str, options: Options) -> sqlite3.Connection:
+def _connect(
+    path: str, options: Options, busy_timeout_s: float | None = None
+) -> sqlite3.Connection:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    db = sqlite3.connect(path, timeout=options.busy_timeout_s, isolation_level=None)
+    timeout = options.busy_timeout_s if busy_timeout_s is None else busy_timeout_s
+    # Not bound to a thread: the event loop's connection may be closed by whoever stops it.
+    db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
     try:
         db.execute(f"PRAGMA synchronous={options.synchronous.upper()}")  # validated value
         db.execute("PRAGMA journal_size_limit=67108864")  # truncate the WAL back to 64 MB
@@ -349,7 +360,7 @@ class QoS(virtual.QoS):
     def ack(self, delivery_tag: str) -> None:
         self.channel.ack_row(delivery_tag)
         super().ack(delivery_tag)
-        self.channel.transport.waker().notify_self()  # a prefetch slot is free: poll now
+        self.channel.transport.waker().notify_self()  # a prefetch slot is free: claim now
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:
@@ -429,7 +440,7 @@ class Channel(virtual.Channel):
         """Lease the next message of ``queue`` (delete it at once if ``no_ack``), or None."""
         transport = self.transport
         transport.maybe_reap()
-        db = transport.db()
+        db = transport.consumer_db()
         if not db.execute(_READY, (queue,)).fetchone():
             return None  # a read: idle polls of empty queues never take the write lock
         dead: list[tuple[str, bytes, str]] = []
@@ -552,13 +563,20 @@ class Channel(virtual.Channel):
                 return None
             return self._pending_since + ACK_DELAY_MAX_S - time.monotonic()
 
-    def flush_acks(self) -> None:
-        """Delete the acked rows that no claim took along."""
+    def flush_acks(self, patient: bool = True) -> None:
+        """Delete the acked rows that no claim took along.
+
+        ``patient`` (closing, cancelling, the lease keeper) rides out a held lock for minutes;
+        the event loop tries once on its 50 ms connection and keeps the acks if that fails.
+        """
         acks = self._take_acks()
         if not acks:
             return
         try:
-            self.transport.retry("ack", lambda: _delete_rows(self.transport.db(), acks))
+            if patient:
+                self.transport.retry("ack", lambda: _delete_rows(self.transport.db(), acks))
+            else:
+                _delete_rows(self.transport.consumer_db(), acks)
         except BaseException:
             self._unsent_acks(acks)
             raise
@@ -649,7 +667,7 @@ class Transport(virtual.Transport):
     driver_name = "sqlite3"
     polling_interval: float = 1.0
     implements = virtual.Transport.implements.extend(
-        asynchronous=False, exchange_type=frozenset(["direct", "topic"]), heartbeats=False
+        asynchronous=True, exchange_type=frozenset(["direct", "topic"]), heartbeats=False
     )
     # OperationalError must stay a channel error: see the module docstring.
     channel_errors = (*virtual.Transport.channel_errors, sqlite3.OperationalError, sqlite3.Error)
@@ -667,6 +685,15 @@ class Transport(virtual.Transport):
         self._next_reap = 0.0
         self._next_maintenance = 0.0
         self._consumer_pid = -1
+        self._loop: Any = None  # kombu's Hub, once Celery's event loop consumes from us
+        self._loop_thread = -1
+        self._loop_db: sqlite3.Connection | None = None
+        self._loop_fds: tuple[int, ...] = ()
+        self._loop_poll: Any = None
+        self._loop_timer: Any = None  # the one pending retry or ack flush
+        self._loop_timer_at = 0.0
+        self._busy_since: float | None = None  # monotonic time the loop's claims met a lock
+        self._busy_logged = 0.0
 
     def driver_version(self) -> str:
         return sqlite3.sqlite_version
@@ -684,6 +711,16 @@ class Transport(virtual.Transport):
             db = local.db = _connect(self.path, self.options)
             local.pid = pid
         return db
+
+    def consumer_db(self) -> sqlite3.Connection:
+        """The connection claims and acks use: on the event loop's thread, one whose busy timeout
+        is 50 ms, so a held write lock never stalls the loop (`register_with_event_loop`)."""
+        if self._loop_thread == threading.get_ident() and self.consumes_here():
+            db = self._loop_db
+            if db is None:
+                db = self._loop_db = _connect(self.path, self.options, _LOOP_BUSY_TIMEOUT_S)
+            return db
+        return self.db()
 
     def waker(self) -> Waker:
         waker = self._waker
@@ -769,14 +806,14 @@ class Transport(virtual.Transport):
             if isinstance(channel, Channel):
                 channel.flush_acks()
 
-    def flush_overdue_acks(self) -> float | None:
+    def flush_overdue_acks(self, patient: bool = True) -> float | None:
         """Flush the acks kept for ``ACK_DELAY_MAX_S``; return seconds until the next are due."""
         next_due = None
         for channel in list(self.channels or ()):
             if not isinstance(channel, Channel) or (due := channel.acks_due_in()) is None:
                 continue
             if due <= 0:
-                channel.flush_acks()
+                channel.flush_acks(patient)
             elif next_due is None or due < next_due:
                 next_due = due
         return next_due
@@ -810,7 +847,7 @@ class Transport(virtual.Transport):
                     raise
                 logger.warning("SQLite broker %s is busy (%s); consumer waits", self.path, exc)
                 waker.clear()
-            wait = self.polling_interval if waker.is_listening else min(self.polling_interval, 0.05)
+            wait = self.polling_interval if waker.path is not None else _POLL_WITHOUT_WAKEUPS_S
             if acks_due is not None:
                 wait = min(wait, acks_due)
             if deadline is not None:
@@ -819,13 +856,118 @@ class Transport(virtual.Transport):
                     raise TimeoutError()  # socket.timeout
             waker.wait(wait)
 
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Consume from Celery's event loop (kombu's Hub), once the worker's loop starts.
+
+        The loop watches our wake-up sockets (a producer's commit, an ack that freed a prefetch
+        slot) and polls every ``polling_interval`` (expired leases, maintenance, a lost
+        wake-up). Acks wake us through the socket, never ``loop.call_soon``: kombu's loop does
+        not shorten its poll for callbacks its own thread adds, so such a claim could wait a
+        whole poll, and prefork's job writes are only scheduled by the loop turn after a
+        delivery. Claims and acks on the loop's thread use a connection with a 50 ms busy
+        timeout: a held write lock must never stall the loop that also enforces time limits and
+        reads the pool's results, so a busy claim is retried from a timer instead.
+        """
+        self._leave_event_loop()
+        self._consumer_pid = _current_pid()
+        self._loop, self._loop_thread = loop, threading.get_ident()
+        waker = self.waker()
+        waker.listen()
+        poll = self.polling_interval if waker.path is not None else _POLL_WITHOUT_WAKEUPS_S
+        self._loop_poll = loop.call_repeatedly(poll, self._consume_in_loop)
+        self._watch_wakeups()
+        loop.call_soon(self._consume_in_loop)
+
+    def _watch_wakeups(self) -> None:
+        fds = self.waker().filenos()
+        if fds != self._loop_fds:
+            for fd in self._loop_fds:
+                self._loop.remove_reader(fd)
+            for fd in fds:
+                self._loop.add_reader(fd, self._on_wakeup, fd)
+            self._loop_fds = fds
+
+    def _on_wakeup(self, fd: int) -> None:
+        self.waker().clear(fd)
+        self._consume_in_loop()
+
+    def _consume_in_loop(self) -> None:
+        """Deliver what the prefetch allows; acks no claim took along wait for a timer."""
+        if self._loop is None:
+            return  # a timer or call_soon that outlived `_leave_event_loop`
+        try:
+            with contextlib.suppress(Empty):
+                while True:
+                    self.cycle.get(self._deliver)  # type: ignore[union-attr]
+            acks_due = self.flush_overdue_acks(patient=False)
+        except sqlite3.OperationalError as exc:
+            if not _is_transient(exc):
+                raise
+            self._log_busy(exc)
+            self._consume_later(_LOOP_BUSY_RETRY_S)
+            return
+        if self._busy_since is not None:
+            busy_s, self._busy_since = time.monotonic() - self._busy_since, None
+            logger.warning("SQLite broker %s: consuming again after %.1f s", self.path, busy_s)
+        if acks_due is not None:
+            self._consume_later(acks_due)
+        self._watch_wakeups()  # maintenance may have bound a new socket
+
+    def _log_busy(self, exc: sqlite3.Error) -> None:
+        """Once when the lock is met, then every ``_BUSY_LOG_EVERY_S``: not every 0.1 s retry."""
+        now = time.monotonic()
+        if self._busy_since is None:
+            self._busy_since = self._busy_logged = now
+            logger.warning(
+                "SQLite broker %s is busy (%s); consumer retries every %.0f ms",
+                self.path,
+                exc,
+                1000 * (_LOOP_BUSY_TIMEOUT_S + _LOOP_BUSY_RETRY_S),
+            )
+        elif now - self._busy_logged >= _BUSY_LOG_EVERY_S:
+            self._busy_logged = now
+            logger.warning(
+                "SQLite broker %s still busy after %.0f s (%s): another process holds its "
+                "write lock; consumer retries",
+                self.path,
+                now - self._busy_since,
+                exc,
+            )
+
+    def _consume_later(self, delay: float) -> None:
+        """One timer at a time: the earliest of the retries and ack flushes asked for."""
+        at = time.monotonic() + max(delay, 0.0)
+        if self._loop_timer is not None:
+            if self._loop_timer_at <= at:
+                return
+            self._loop_timer.cancel()
+        self._loop_timer_at = at
+        self._loop_timer = self._loop.call_later(max(delay, 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._loop_timer = None
+        self._consume_in_loop()
+
+    def _leave_event_loop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        for timer in (self._loop_poll, self._loop_timer):
+            if timer is not None:
+                timer.cancel()
+        self._loop_poll = self._loop_timer = None
+        for fd in self._loop_fds:
+            loop.remove_reader(fd)
+        self._loop_fds = ()
+        self._loop_thread = -1
+
     def maybe_reap(self) -> None:
         """Make expired leases (their worker died) deliverable; a read when there are none."""
         now = self.clock()
         if now < self._next_reap:
             return
         self._next_reap = now + min(self.polling_interval, self.options.lease_s / 3)
-        db = self.db()
+        db = self.consumer_db()
         if db.execute("SELECT 1 FROM messages WHERE lease_until < ? LIMIT 1", (now,)).fetchone():
             count = db.execute(
                 "UPDATE messages SET lease_until = NULL, owner = NULL WHERE lease_until < ?",
@@ -856,9 +998,16 @@ class Transport(virtual.Transport):
                 waker, self._waker = self._waker, None
             if keeper is not None:
                 keeper.stopped.set()
+            self._leave_event_loop()
             if waker is not None:
                 waker.close()
             db = getattr(self._local, "db", None)
             if db is not None and self._local.pid == _current_pid():
                 self._local.db = None
                 db.close()
+            loop_db, self._loop_db = self._loop_db, None
+            if loop_db is not None:
+                if self._consumer_pid == _current_pid():
+                    loop_db.close()
+                else:
+                    _inherited.append(loop_db)
