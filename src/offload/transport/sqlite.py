@@ -798,7 +798,7 @@ class Transport(virtual.Transport):
         return str(row[0]), bytes(row[1])
 
     def consumes_here(self) -> bool:
-        """Whether a consumer loop (`drain_events`) has run in this process."""
+        """Whether a consumer loop (`drain_events`, or Celery's event loop) runs in this process."""
         return self._consumer_pid == _current_pid()
 
     def flush_acks(self) -> None:
@@ -847,7 +847,7 @@ class Transport(virtual.Transport):
                     raise
                 logger.warning("SQLite broker %s is busy (%s); consumer waits", self.path, exc)
                 waker.clear()
-            wait = self.polling_interval if waker.path is not None else _POLL_WITHOUT_WAKEUPS_S
+            wait = self._poll_cap(waker)
             if acks_due is not None:
                 wait = min(wait, acks_due)
             if deadline is not None:
@@ -855,6 +855,10 @@ class Transport(virtual.Transport):
                 if wait <= 0:
                     raise TimeoutError()  # socket.timeout
             waker.wait(wait)
+
+    def _poll_cap(self, waker: Waker) -> float:
+        """How long a consumer waits for a wake-up before it looks anyway."""
+        return self.polling_interval if waker.path is not None else _POLL_WITHOUT_WAKEUPS_S
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         """Consume from Celery's event loop (kombu's Hub), once the worker's loop starts.
@@ -873,8 +877,7 @@ class Transport(virtual.Transport):
         self._loop, self._loop_thread = loop, threading.get_ident()
         waker = self.waker()
         waker.listen()
-        poll = self.polling_interval if waker.path is not None else _POLL_WITHOUT_WAKEUPS_S
-        self._loop_poll = loop.call_repeatedly(poll, self._consume_in_loop)
+        self._loop_poll = loop.call_repeatedly(self._poll_cap(waker), self._consume_in_loop)
         self._watch_wakeups()
         loop.call_soon(self._consume_in_loop)
 
@@ -911,7 +914,6 @@ class Transport(virtual.Transport):
             logger.warning("SQLite broker %s: consuming again after %.1f s", self.path, busy_s)
         if acks_due is not None:
             self._consume_later(acks_due)
-        self._watch_wakeups()  # maintenance may have bound a new socket
 
     def _log_busy(self, exc: sqlite3.Error) -> None:
         """Once when the lock is met, then every ``_BUSY_LOG_EVERY_S``: not every 0.1 s retry."""
@@ -936,13 +938,14 @@ class Transport(virtual.Transport):
 
     def _consume_later(self, delay: float) -> None:
         """One timer at a time: the earliest of the retries and ack flushes asked for."""
-        at = time.monotonic() + max(delay, 0.0)
+        delay = max(delay, 0.0)
+        at = time.monotonic() + delay
         if self._loop_timer is not None:
             if self._loop_timer_at <= at:
                 return
             self._loop_timer.cancel()
         self._loop_timer_at = at
-        self._loop_timer = self._loop.call_later(max(delay, 0.0), self._on_timer)
+        self._loop_timer = self._loop.call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._loop_timer = None
@@ -979,6 +982,8 @@ class Transport(virtual.Transport):
             self._next_maintenance = now + _MAINTENANCE_S
             if self._waker is not None and self._waker.path is not None:
                 self._waker.listen()  # rebinds if someone removed our socket file
+                if self._loop is not None:
+                    self._watch_wakeups()  # the loop watches the new socket instead
             free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
             if free > _VACUUM_FREE_PAGES:
                 # In slices of ~8 ms, one a second: vacuuming holds the write lock. Each step of
