@@ -483,7 +483,7 @@ def overhead_in_process(count: int = 20_000) -> dict[str, float]:
     from starlette.background import BackgroundTasks
 
     from offload import Offload
-    from offload.inline import Deferrals, current_deferrals
+    from offload.lanes.inline.deferrals import Deferrals, current_deferrals
 
     data_dir = tempfile.mkdtemp(prefix="offload-bench-micro-")
     jobs = Offload(data_dir=data_dir, inline_history=10)

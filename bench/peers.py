@@ -28,7 +28,7 @@ producer awaiting, one call at a time,
 * ``defer``: ``await noop.defer(tag=...)``, the real thing: validation on the loop, then the
   ledger INSERT (PENDING row) and the broker publish on offload's I/O thread;
 * ``publish``: the same minus the ledger: ``noop.prepare()`` on the loop, then
-  ``await jobs.to_thread(jobs.durable.publish, noop, [(run_id, call)])``, exactly the publish
+  ``await io.run(jobs.durable.publisher.publish, noop, [(run_id, call)])``, exactly the publish
   ``defer`` does (Celery ``apply_async`` with offload's retry policy, one pooled producer);
 * ``publish-on-loop``: that publish called directly on the loop thread (no thread hop);
 * ``ledger``: the same minus the broker: ``prepare()``, then the ledger write ``defer`` does
@@ -226,11 +226,14 @@ def run_session(cls: type[System], args: argparse.Namespace, root: Path) -> Samp
 
 
 async def enqueue_variants(jobs: Any, noop: Any, calls: int, order: list[str]) -> Sample:
+    from offload.core.run import Lane
+    from offload.core.threads import BlockingCalls
     from offload.ledger import queries
-    from offload.run import Lane
+
+    io = BlockingCalls()  # the kind of thread pool `defer` hands durable work to
 
     def record(call: Any) -> None:
-        """The ledger write of `submit_durable`, alone."""
+        """The ledger write of `DurableLane.submit`, alone."""
         now = jobs.clock()
         new = [
             queries.NewRun(
@@ -250,19 +253,19 @@ async def enqueue_variants(jobs: Any, noop: Any, calls: int, order: list[str]) -
 
     async def publish(tag: str) -> None:
         call = noop.prepare((), {"tag": tag})
-        await jobs.to_thread(jobs.durable.publish, noop, [(uuid.uuid4().hex, call)])
+        await io.run(jobs.durable.publisher.publish, noop, [(uuid.uuid4().hex, call)])
 
     async def publish_on_loop(tag: str) -> None:
         call = noop.prepare((), {"tag": tag})
-        jobs.durable.publish(noop, [(uuid.uuid4().hex, call)])
+        jobs.durable.publisher.publish(noop, [(uuid.uuid4().hex, call)])
 
     async def ledger(tag: str) -> None:
         call = noop.prepare((), {"tag": tag})
-        await jobs.to_thread(record, call)
+        await io.run(record, call)
 
     async def thread_hop(tag: str) -> None:
         noop.prepare((), {"tag": tag})
-        await jobs.to_thread(int)
+        await io.run(int)
 
     variants: dict[str, Callable[[str], Coroutine[Any, Any, None]]] = {
         "defer": defer,
@@ -282,6 +285,7 @@ async def enqueue_variants(jobs: Any, noop: Any, calls: int, order: list[str]) -
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         sample[f"{name}_per_s"] = calls / wall
         sample[f"{name}_cpu_us"] = cpu / calls * 1e6
+    io.close()
     return sample
 
 
@@ -289,8 +293,8 @@ def execute_cost(jobs: Any, noop: Any, calls: int) -> Sample:
     """offload's worker-side wrapper alone, in this process: what a worker adds per run to
     Celery's own cost. `Executor.execute` claims the run in the ledger (STARTED), runs the
     task body, records SUCCESS with the result; no broker, no Celery."""
+    from offload.core.run import Lane
     from offload.ledger import queries
-    from offload.run import Lane
 
     executor = jobs.durable.executor
     new = [

@@ -67,7 +67,7 @@ TRANSPORTS: dict[str, str | None] = {
     "offload": REDIS_TRANSPORT,
     "offload-no-reuse": "bench.redis_client_reuse:NoReuseTransport",
 }
-PUBLISH_OPTIONS: dict[str, Any] = {  # offload.durable.DurableLane._publish_options, 5 s timeout
+PUBLISH_OPTIONS: dict[str, Any] = {  # offload.lanes.durable.publish.Publisher, 5 s timeout
     "retry": True,
     "retry_policy": {"max_retries": 10, "interval_start": 0, "interval_step": 0.25,
                      "interval_max": 0.5},
@@ -85,7 +85,7 @@ class NoReuseTransport(offload_redis.Transport):
 
 
 def make_app(url: str, transport: str | None, prefix: str) -> Celery:
-    """A Celery app with offload's settings (offload.durable._celery_config) and the no-op."""
+    """A Celery app with offload's settings (`offload.lanes.durable.lane.celery_config`)."""
     app = Celery("bench_redis_client_reuse", set_as_current=False)
     app.conf.update(
         broker_url=url,

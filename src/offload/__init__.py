@@ -13,7 +13,18 @@ run = await send_welcome.defer(user_id=7)
 """
 
 from offload.app import Offload as Offload
-from offload.context import TaskContext as TaskContext
+from offload.core.context import TaskContext as TaskContext
+from offload.core.handle import RunHandle as RunHandle
+from offload.core.run import TERMINAL_STATES as TERMINAL_STATES
+from offload.core.run import Attempt as Attempt
+from offload.core.run import Lane as Lane
+from offload.core.run import Progress as Progress
+from offload.core.run import RunState as RunState
+from offload.core.run import RunStatus as RunStatus
+from offload.core.run import WorkerStatus as WorkerStatus
+from offload.core.task import Backoff as Backoff
+from offload.core.task import Task as Task
+from offload.core.task import Timeout as Timeout
 from offload.errors import BrokerUnavailableError as BrokerUnavailableError
 from offload.errors import ConfigurationError as ConfigurationError
 from offload.errors import LaneFullError as LaneFullError
@@ -28,18 +39,7 @@ from offload.errors import TaskCancelledError as TaskCancelledError
 from offload.errors import TaskDefinitionError as TaskDefinitionError
 from offload.errors import TaskTimeoutError as TaskTimeoutError
 from offload.metrics import metrics_app as metrics_app
-from offload.run import TERMINAL_STATES as TERMINAL_STATES
-from offload.run import Attempt as Attempt
-from offload.run import Lane as Lane
-from offload.run import Progress as Progress
-from offload.run import RunHandle as RunHandle
-from offload.run import RunState as RunState
-from offload.run import RunStatus as RunStatus
-from offload.run import WorkerStatus as WorkerStatus
 from offload.settings import Settings as Settings
-from offload.task import Backoff as Backoff
-from offload.task import Task as Task
-from offload.task import Timeout as Timeout
 
 __all__ = [
     "TERMINAL_STATES",

@@ -1,23 +1,25 @@
-"""Offload: owns the settings, the task registry, the ledger and both lanes. No module globals."""
+"""`Offload`, the facade: owns the settings, the task registry, the ledger and both lanes.
+
+It builds each lane with what the lane needs (settings, clock, the registry, callables for
+spilling and publishing) and answers what adapters ask (the status API, the CLI, `RunHandle`s):
+nothing below this module imports it. No module globals.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import functools
 import inspect
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
-from offload.errors import TaskArgumentsError, TaskDefinitionError
+from offload.core.handle import RunHandle
+from offload.core.run import Attempt, Lane, RunDetail, RunPage, RunState, RunStatus, WorkerStatus
+from offload.core.task import Backoff, Call, Policy, Task, Timeout
+from offload.core.threads import BlockingCalls
+from offload.errors import TaskDefinitionError
 from offload.ledger import Ledger, queries
-from offload.run import Lane, RunHandle, RunStatus, WorkerStatus, new_run_id
 from offload.settings import Settings
-from offload.task import Backoff, Call, Policy, Task, Timeout
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -26,15 +28,14 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
     from fastapi.params import Depends
 
-    from offload.context import TaskContext
-    from offload.durable import DurableLane
-    from offload.fastapi import ExceptionHandlers, Lifespan
-    from offload.inline import InlineLane
+    from offload.core.context import TaskContext
+    from offload.lanes.durable.lane import DurableLane
+    from offload.lanes.inline.lane import InlineLane
     from offload.web.api import Authorize
+    from offload.web.fastapi import ExceptionHandlers, Lifespan
 
 P = ParamSpec("P")
 R = TypeVar("R")
-T = TypeVar("T")
 
 
 class Offload:
@@ -70,10 +71,11 @@ class Offload:
             settings.resolved_ledger_url, clock=clock, busy_timeout_s=settings.ledger_busy_timeout_s
         )
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self._blocking = BlockingCalls()
+        self._dispatch = _Dispatch(self, self._blocking)
         self._durable: DurableLane | None = None
         self._inline: InlineLane | None = None
         self._router: APIRouter | None = None
-        self._io: ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
         return f"Offload({self.settings!r})"
@@ -156,27 +158,15 @@ class Offload:
         return decorate if fn is None else decorate(fn)
 
     def _register(self, fn: Callable[..., Any], name: str, policy: Policy) -> Task[Any, Any]:
-        if not callable(fn):
-            raise TaskDefinitionError(f"@task needs a function, got {fn!r}")
         if name in self.tasks:
             existing = self.tasks[name].fn
             where = f"{inspect.getsourcefile(existing)}:{existing.__code__.co_firstlineno}"
             raise TaskDefinitionError(
                 f"Task {name!r} is already registered ({where}); give one of them name='...'"
             )
-        if policy.spill and policy.lane is not Lane.INLINE:
-            raise TaskDefinitionError(
-                f"Task {name!r}: spill=True sends inline overflow to the durable lane; "
-                "it needs lane='inline'"
-            )
-        if policy.lane is Lane.INLINE and policy.cpu_bound and "<locals>" in fn.__qualname__:
-            raise TaskDefinitionError(
-                f"Task {name!r}: a cpu_bound inline task runs in another process, which "
-                "imports it by name; declare it at module level"
-            )
-        task: Task[Any, Any] = Task(self, fn, name, policy)
+        task: Task[Any, Any] = Task(self._dispatch, fn, name, policy)
         self.tasks[name] = task
-        if policy.lane is Lane.DURABLE or policy.spill:
+        if policy.runs_on_workers:
             # A spilling inline task must also be known to workers, which run its overflow.
             self.durable.register(task)
         return task
@@ -187,9 +177,9 @@ class Offload:
     def durable(self) -> DurableLane:
         """The durable lane (built on first use; building it opens no connection)."""
         if self._durable is None:
-            from offload.durable import DurableLane
+            from offload.lanes.durable.lane import DurableLane
 
-            self._durable = DurableLane(self)
+            self._durable = DurableLane(self.settings, self.ledger, self.tasks)
         return self._durable
 
     @property
@@ -201,10 +191,26 @@ class Offload:
     def inline(self) -> InlineLane:
         """The inline lane (started and stopped by `lifespan`)."""
         if self._inline is None:
-            from offload.inline import InlineLane
+            from offload.lanes.inline.lane import InlineLane
 
-            self._inline = InlineLane(self)
+            self._inline = InlineLane(
+                self.settings,
+                clock=self.clock,
+                tasks=self.tasks,
+                spill=self._spill,
+                blocking=self._blocking,
+            )
         return self._inline
+
+    def _spill(
+        self, task: Task[Any, Any], calls: Sequence[Call], run_ids: Sequence[str] | None
+    ) -> list[str]:
+        return self.durable.submit(task, calls, run_ids)
+
+    @property
+    def is_stopping(self) -> bool:
+        """True once the inline lane began shutting down (a signal or the lifespan's end)."""
+        return self._inline is not None and self._inline.is_stopping
 
     # --- FastAPI ---------------------------------------------------------------------------
 
@@ -214,9 +220,9 @@ class Offload:
 
         To add your own start-up and shut-down, nest it: `async with jobs.lifespan(app): ...`.
         """
-        from offload.fastapi import lifespan_of
+        from offload.web.fastapi import lifespan_of
 
-        return lifespan_of(self)
+        return lifespan_of(self.inline, self.settings.loop_block_threshold_s)
 
     @property
     def deferrals(self) -> Depends:
@@ -224,14 +230,14 @@ class Offload:
 
         `FastAPI(dependencies=[jobs.deferrals])`, or per route with `dependencies=[...]`.
         """
-        from offload.fastapi import DEFERRALS
+        from offload.web.fastapi import DEFERRALS
 
         return DEFERRALS
 
     @property
     def exception_handlers(self) -> ExceptionHandlers:
         """offload's errors as HTTP responses: `FastAPI(exception_handlers=...)`."""
-        from offload.fastapi import EXCEPTION_HANDLERS
+        from offload.web.fastapi import EXCEPTION_HANDLERS
 
         return dict(EXCEPTION_HANDLERS)
 
@@ -249,91 +255,54 @@ class Offload:
         return build_router(self, authorize=authorize)
 
     # --- runs ------------------------------------------------------------------------------
+    # Every question has a blocking twin (`..._sync`) and an async form that asks the ledger
+    # off the event loop. Inline runs this process holds answer from memory first.
 
     def run(self, run_id: str) -> RunHandle[Any]:
         """A handle for an existing run id (nothing is checked until you ask it something)."""
         return RunHandle(self, run_id)
 
-    def now(self) -> datetime:
-        """The current time, from this app's clock, as an aware UTC datetime."""
-        return datetime.fromtimestamp(self.clock(), UTC)
-
-    def submit(self, task: Task[Any, R], calls: Sequence[Call]) -> list[RunHandle[R]]:
-        """Start runs of validated calls on the task's lane; the core of every `defer`."""
-        if task.policy.lane is Lane.INLINE and calls:
-            return self.inline.submit(task, calls)
-        return self.submit_durable(task, calls)
-
-    def submit_durable(
-        self, task: Task[Any, R], calls: Sequence[Call], run_ids: Sequence[str] | None = None
-    ) -> list[RunHandle[R]]:
-        """Record and publish validated calls on the durable lane (blocking).
-
-        `run_ids` keeps ids an inline run already has when it spills.
-        """
-        if not calls:
-            return []
-        if len(calls) > 1 and any(c.idempotency_key for c in calls):
-            raise TaskArgumentsError(
-                f"{task.name}: an idempotency_key names one run; defer_many() cannot share it"
-            )
-        now = self.clock()
-        new = [
-            queries.NewRun(
-                id=run_ids[index] if run_ids else new_run_id(),
-                task=task.name,
-                lane=Lane.DURABLE,
-                queue=call.queue,
-                priority=call.priority,
-                args=call.kwargs,
-                idempotency_key=call.idempotency_key,
-                next_attempt_at=now + call.countdown_s if call.countdown_s else None,
-            )
-            for index, call in enumerate(calls)
-        ]
-        recorded = self.ledger.write(lambda conn: queries.insert_runs(conn, new, now))
-        fresh = [
-            (run_id, call)
-            for (run_id, created), call in zip(recorded, calls, strict=True)
-            if created
-        ]
-        if fresh:
-            try:
-                self.durable.publish(task, fresh)
-            except Exception:
-                # Nothing half-written: a run the broker never got is not a run.
-                self.ledger.write(lambda conn: queries.delete_runs(conn, [r for r, _ in fresh]))
-                raise
-        return [RunHandle(self, run_id) for run_id, _ in recorded]
-
-    async def submit_async(self, task: Task[Any, R], calls: Sequence[Call]) -> list[RunHandle[R]]:
-        """`submit()` for the event loop: durable work runs off it."""
-        if task.policy.lane is Lane.INLINE and calls:
-            return await self.inline.submit_async(task, calls)
-        return await self.to_thread(self.submit_durable, task, calls)
-
-    def _inline_status(self, run_id: str) -> RunStatus | None:
-        return None if self._inline is None else self._inline.status(run_id)
+    def _inline_knows(self, run_id: str) -> bool:
+        return self._inline is not None and self._inline.knows(run_id)
 
     def status_sync(self, run_id: str) -> RunStatus:
-        """A run's status: inline runs this process holds, then the ledger.
-
-        Raises `RunNotFoundError` for an unknown id.
-        """
-        found = self._inline_status(run_id)
+        """A run's status. Raises `RunNotFoundError` for an unknown id."""
+        found = None if self._inline is None else self._inline.status(run_id)
         return found if found is not None else self.ledger.status(run_id)
 
     async def status(self, run_id: str) -> RunStatus:
-        """Async twin of `status_sync()`; reads the ledger off the event loop."""
-        found = self._inline_status(run_id)
-        return found if found is not None else await self.to_thread(self.ledger.status, run_id)
+        """Async twin of `status_sync()`."""
+        found = None if self._inline is None else self._inline.status(run_id)
+        return found if found is not None else await self._blocking.run(self.ledger.status, run_id)
 
-    def last_traceback(self, run_id: str) -> str | None:
+    def get_run_sync(self, run_id: str) -> RunDetail:
+        """A run's status with every attempt it made. Raises `RunNotFoundError` if unknown."""
+        status = self.status_sync(run_id)
+        attempts = [] if status.lane is Lane.INLINE else self.ledger.attempts(run_id)
+        return RunDetail(**dict(status), attempt_history=attempts)
+
+    async def get_run(self, run_id: str) -> RunDetail:
+        """Async twin of `get_run_sync()`."""
+        if self._inline_knows(run_id):
+            return self.get_run_sync(run_id)
+        return await self._blocking.run(self.get_run_sync, run_id)
+
+    def attempts_sync(self, run_id: str) -> list[Attempt]:
+        """A durable run's attempts, oldest first (an inline run records none)."""
+        return [] if self._inline_knows(run_id) else self.ledger.attempts(run_id)
+
+    def traceback_sync(self, run_id: str) -> str | None:
         """The traceback of a run's last failed attempt, if any."""
         if self._inline is not None and self._inline.knows(run_id):
             return self._inline.traceback_of(run_id)
         last = self.ledger.last_attempt(run_id)
         return last.traceback if last is not None else None
+
+    async def traceback(self, run_id: str) -> str | None:
+        """Async twin of `traceback_sync()`."""
+        if self._inline_knows(run_id):
+            return self.traceback_sync(run_id)
+        return await self._blocking.run(self.traceback_sync, run_id)
 
     def cancel_sync(self, run_id: str) -> RunStatus:
         """Cancel a run (see `RunHandle.cancel_sync`)."""
@@ -345,7 +314,67 @@ class Offload:
         """Async twin of `cancel_sync()`."""
         if self._inline is not None and self._inline.knows(run_id):
             return self._inline.cancel_threadsafe(run_id)
-        return await self.to_thread(self.cancel_sync, run_id)
+        return await self._blocking.run(self.cancel_sync, run_id)
+
+    def list_runs_sync(
+        self,
+        *,
+        states: Sequence[RunState] = (),
+        task: str | None = None,
+        dead: bool | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> RunPage:
+        """Runs newest first, inline and durable, filtered; pass `next_cursor` back for more.
+
+        `dead=True` keeps only runs that used their last try. Raises `ValueError` for a
+        cursor this method did not return.
+        """
+        after = queries.decode_cursor(cursor) if cursor else None
+        page = self.ledger.read(
+            lambda conn: queries.list_runs(
+                conn, states=states, task=task, dead=dead, limit=limit, cursor=cursor
+            )
+        )
+        if self._inline is None or dead:
+            return page
+        # Inline runs live in this process's memory; they merge into the same order.
+        inline = [
+            s
+            for s in self._inline.list_runs()
+            if (not states or s.state in states)
+            and (task is None or s.task == task)
+            and (after is None or (s.created_at.timestamp(), s.id) < after)
+        ]
+        if not inline:
+            return page
+        merged = sorted(
+            [*page.runs, *inline[: limit + 1]],
+            key=lambda s: (s.created_at.timestamp(), s.id),
+            reverse=True,
+        )
+        runs = merged[:limit]
+        next_cursor = None
+        if (page.next_cursor is not None or len(merged) > limit) and runs:
+            last = runs[-1]
+            next_cursor = queries.encode_cursor(last.created_at.timestamp(), last.id)
+        return RunPage(runs=runs, next_cursor=next_cursor)
+
+    async def list_runs(
+        self,
+        *,
+        states: Sequence[RunState] = (),
+        task: str | None = None,
+        dead: bool | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> RunPage:
+        """Async twin of `list_runs_sync()`."""
+        return await self._blocking.run(
+            lambda: self.list_runs_sync(
+                states=states, task=task, dead=dead, limit=limit, cursor=cursor
+            )
+        )
 
     def workers_sync(self) -> list[WorkerStatus]:
         """The worker processes that reported to the ledger lately, alive or not."""
@@ -354,32 +383,51 @@ class Offload:
 
     async def workers(self) -> list[WorkerStatus]:
         """Async twin of `workers_sync()`."""
-        return await self.to_thread(self.workers_sync)
-
-    def decode_result(self, task_name: str, value: Any) -> Any:
-        """Turn a stored JSON result back into the task's declared return type."""
-        task = self.tasks.get(task_name)
-        if task is None:
-            return value
-        return task.signature.result_adapter.validate_python(value)
-
-    async def to_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking ledger or broker work on offload's own small thread pool."""
-        if self._io is None:
-            self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="offload-io")
-        loop = asyncio.get_running_loop()
-        context = contextvars.copy_context()
-        call = functools.partial(context.run, fn, *args)
-        return await loop.run_in_executor(self._io, call)
+        return await self._blocking.run(self.workers_sync)
 
     def close(self) -> None:
         """Release connections and threads (the app can be used again afterwards)."""
-        if self._io is not None:
-            self._io.shutdown(wait=True)
-            self._io = None
+        self._blocking.close()
         if self._durable is not None:
-            self._durable.celery.close()
+            self._durable.close()
         self.ledger.dispose()
+
+
+class _Dispatch:
+    """How an `Offload`'s tasks start runs (`core.ports.Dispatch`): on the lane their policy
+    names. Kept off `Offload` itself so that this plumbing is not part of the public API."""
+
+    __slots__ = ("_blocking", "_jobs")
+
+    def __init__(self, jobs: Offload, blocking: BlockingCalls) -> None:
+        self._jobs = jobs
+        self._blocking = blocking
+
+    @property
+    def default_queue(self) -> str:
+        return self._jobs.settings.default_queue
+
+    def now(self) -> float:
+        return self._jobs.clock()
+
+    def submit(self, task: Task[Any, Any], calls: Sequence[Call]) -> list[RunHandle[Any]]:
+        jobs = self._jobs
+        if task.policy.lane is Lane.INLINE and calls:
+            run_ids = jobs.inline.submit(task, calls)
+        else:
+            run_ids = jobs.durable.submit(task, calls)
+        return [RunHandle(jobs, run_id) for run_id in run_ids]
+
+    async def submit_async(
+        self, task: Task[Any, Any], calls: Sequence[Call]
+    ) -> list[RunHandle[Any]]:
+        jobs = self._jobs
+        if task.policy.lane is Lane.INLINE and calls:
+            run_ids = await jobs.inline.submit_async(task, calls)
+        else:
+            # Recording and publishing block on the ledger and the broker: off the loop.
+            run_ids = await self._blocking.run(jobs.durable.submit, task, calls)
+        return [RunHandle(jobs, run_id) for run_id in run_ids]
 
 
 if TYPE_CHECKING:

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from offload.core.run import RunState, RunStatus
 from offload.errors import OffloadError
-from offload.run import RunState, RunStatus
+
+if TYPE_CHECKING:
+    from offload.app import Offload
 
 app = typer.Typer(
     help="offload: background work for FastAPI. Run the API with an embedded worker, "
@@ -162,7 +165,8 @@ def serve(
                 supervisor.stop()
 
 
-def _settings_offload(ledger_url: str | None) -> Any:
+def _settings_offload(ledger_url: str | None) -> Offload:
+    """An `Offload` with no tasks, for commands that only read the ledger."""
     from offload.app import Offload
 
     return Offload(ledger_url=ledger_url)
@@ -200,15 +204,9 @@ def runs_list(
     verbose: Verbose = False,
 ) -> None:
     """List runs, newest first."""
-    from offload.ledger import queries
-
     try:
         jobs = _settings_offload(ledger_url)
-        page = jobs.ledger.read(
-            lambda conn: queries.list_runs(
-                conn, states=state or (), task=task, dead=True if dead else None, limit=limit
-            )
-        )
+        page = jobs.list_runs_sync(states=state or (), task=task, dead=dead or None, limit=limit)
     except OffloadError as exc:
         raise _fail(exc, verbose) from None
     if as_json:
@@ -228,18 +226,14 @@ def runs_show(
 ) -> None:
     """Show one run with every attempt."""
     try:
-        jobs = _settings_offload(ledger_url)
-        status = jobs.ledger.status(run_id)
-        attempts = jobs.ledger.attempts(run_id)
+        run = _settings_offload(ledger_url).get_run_sync(run_id)
     except OffloadError as exc:
         raise _fail(exc, verbose) from None
     if as_json:
-        body = status.model_dump(mode="json")
-        body["attempt_history"] = [a.model_dump(mode="json") for a in attempts]
-        typer.echo(json.dumps(body, indent=2))
+        typer.echo(json.dumps(run.model_dump(mode="json"), indent=2))
         return
-    typer.echo(_row(status))
-    for attempt in attempts:
+    typer.echo(_row(run))
+    for attempt in run.attempt_history:
         typer.echo(
             f"  attempt {attempt.number}: {attempt.outcome or 'running'} on "
             f"{attempt.worker} at {attempt.started_at:%H:%M:%S}  {attempt.error or ''}"

@@ -10,13 +10,15 @@ OffloadError
 ├── RunNotFoundError            no run has that id (also a LookupError)
 ├── ResultTimeoutError          result(timeout=) ran out first (also a TimeoutError)
 ├── RunFailedError              the run ended in FAILURE or CANCELLED; result() raises it
-└── LaneFullError               the inline lane's backlog is full
+├── LaneFullError               the inline lane's backlog is full
+├── TaskTimeoutError            raised inside a task when its soft timeout expires
+│                               (also a TimeoutError)
+└── TaskCancelledError          raised inside a task that ignored a cancel request too long
 
 Retry                           raised by a task to ask for another attempt (not an error)
-TaskTimeoutError                raised inside a task when its soft timeout expires
-TaskCancelledError              raised inside a task that ignored a cancel request too long
 ```
-Catching `OffloadError` catches everything offload raises.
+Catching `OffloadError` catches everything offload raises, including what it raises inside
+a task; `Retry` is a request, not an error.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ import time
 from collections.abc import Collection
 from typing import Any
 
+from offload.core.handle import RunHandle
+from offload.core.run import TERMINAL_STATES, RunState, RunStatus
 from offload.errors import ResultTimeoutError, RunFailedError
-from offload.run import TERMINAL_STATES, RunHandle, RunState, RunStatus
 
 
 def _wanted(state: RunState | Collection[RunState]) -> frozenset[RunState]:

@@ -6,7 +6,7 @@ import os
 import re
 import threading
 
-from offload.run import new_run_id
+from offload.core.run import new_run_id
 
 
 def test_run_ids_are_32_hex_digits_and_do_not_repeat() -> None:

@@ -9,8 +9,17 @@ from typing import Any, Literal
 
 import pytest
 
-from offload import Backoff, Offload, TaskArgumentsError, TaskContext, TaskDefinitionError, Timeout
-from offload.task import Policy
+from offload import (
+    Backoff,
+    Offload,
+    Retry,
+    TaskArgumentsError,
+    TaskContext,
+    TaskDefinitionError,
+    Timeout,
+)
+from offload.core import attempt
+from offload.core.task import Policy
 
 
 def test_annotations_that_cannot_be_resolved_say_so(jobs: Offload) -> None:
@@ -64,10 +73,19 @@ def test_timeout_gets_a_hard_limit_after_the_soft_one() -> None:
 
 
 def test_policy_retries_only_listed_errors_while_tries_remain() -> None:
-    policy = Policy(retries=2, retry_on=(ConnectionError,))
-    assert policy.should_retry(ConnectionError(), failures=2)
-    assert not policy.should_retry(ConnectionError(), failures=3)
-    assert not policy.should_retry(ValueError(), failures=1)
+    policy = Policy(retries=2, retry_on=(ConnectionError,), backoff=Backoff(base=1, cap=1))
+    refused = attempt.describe(ConnectionError("refused"), policy)
+    assert refused.error == "ConnectionError: refused"
+    assert attempt.retry_in(policy, refused, failures=2) is not None
+    assert attempt.retry_in(policy, refused, failures=3) is None
+    assert attempt.retry_in(policy, attempt.describe(ValueError(), policy), failures=1) is None
+
+
+def test_a_retry_request_waits_its_own_delay_even_for_errors_not_listed() -> None:
+    policy = Policy(retries=1, retry_on=(ConnectionError,))
+    asked = attempt.describe(Retry(delay=7), policy)
+    assert attempt.retry_in(policy, asked, failures=1) == 7
+    assert attempt.retry_in(policy, asked, failures=2) is None
 
 
 def test_duplicate_task_name_says_where_the_first_one_is(jobs: Offload) -> None:

@@ -22,10 +22,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from offload.core.run import Attempt, RunStatus
 from offload.errors import ConfigurationError, LedgerError
 from offload.ledger import migrations, queries
 from offload.ledger.schema import SCHEMA_VERSION, meta, metadata
-from offload.run import Attempt, RunStatus
 from offload.settings import mask_url
 
 T = TypeVar("T")

@@ -20,20 +20,21 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from offload.errors import RunNotFoundError
-from offload.ledger.prepared import Prepared, one_of
-from offload.ledger.schema import attempts, runs, workers
-from offload.run import (
+from offload.core.run import (
     ACTIVE_STATES,
     TERMINAL_STATES,
     Attempt,
     JSONValue,
     Lane,
     Progress,
+    RunPage,
     RunState,
     RunStatus,
     WorkerStatus,
 )
+from offload.errors import RunNotFoundError
+from offload.ledger.prepared import Prepared, one_of
+from offload.ledger.schema import attempts, runs, workers
 
 _ACTIVE = [s.value for s in ACTIVE_STATES]
 _TERMINAL = [s.value for s in TERMINAL_STATES]
@@ -250,14 +251,6 @@ def get_message(conn: Connection, run_id: str) -> RunMessage:
     return RunMessage(run_id, row.task, row.args, row.queue, row.priority)
 
 
-@dataclass(frozen=True)
-class Page:
-    """One page of a listing, newest first; `next_cursor` is None on the last page."""
-
-    runs: list[RunStatus]
-    next_cursor: str | None
-
-
 def encode_cursor(created_at: float, run_id: str) -> str:
     """An opaque page cursor: the position after the run created at `created_at`."""
     return base64.urlsafe_b64encode(f"{created_at!r}|{run_id}".encode()).decode()
@@ -280,7 +273,7 @@ def list_runs(
     dead: bool | None = None,
     limit: int = 50,
     cursor: str | None = None,
-) -> Page:
+) -> RunPage:
     """Runs newest first, filtered; pages with an opaque cursor."""
     query = sa.select(runs)
     state_values = [s.value for s in states]
@@ -305,7 +298,7 @@ def list_runs(
     if len(rows) > limit:
         rows = rows[:limit]
         next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
-    return Page(runs=[_status(r) for r in rows], next_cursor=next_cursor)
+    return RunPage(runs=[_status(r) for r in rows], next_cursor=next_cursor)
 
 
 def count_by_state(conn: Connection) -> dict[RunState, int]:

@@ -19,19 +19,14 @@ import asyncio
 import inspect
 import ipaddress
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Annotated, Literal, Protocol
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
 
+from offload.core.run import Lane, RunPage, RunState, RunStatus
 from offload.errors import RunNotFoundError
-from offload.ledger import queries
-from offload.run import Lane, RunState, RunStatus
-
-if TYPE_CHECKING:
-    from offload.app import Offload
 
 Action = Literal["read", "cancel"]
 Authorize = Callable[[Request, RunStatus, Action], bool | Awaitable[bool]]
@@ -42,11 +37,26 @@ LEDGER_POLL_S = 0.2
 KEEPALIVE_S = 15.0
 
 
-class RunPage(BaseModel):
-    """One page of `GET {prefix}`: runs newest first; pass `next_cursor` back for more."""
+class Runs(Protocol):
+    """What the status API asks: `Offload` answers it, for its inline runs and its ledger."""
 
-    runs: list[RunStatus]
-    next_cursor: str | None
+    @property
+    def is_stopping(self) -> bool:
+        """True once the app began shutting down: open event streams end."""
+        ...
+
+    async def status(self, run_id: str) -> RunStatus: ...
+
+    async def cancel(self, run_id: str) -> RunStatus: ...
+
+    async def list_runs(
+        self,
+        *,
+        states: Sequence[RunState] = (),
+        task: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> RunPage: ...
 
 
 def loopback_only(request: Request, _run: RunStatus, _action: Action) -> bool:
@@ -62,7 +72,7 @@ def _not_found(run_id: str) -> HTTPException:
     return HTTPException(404, detail=str(RunNotFoundError(run_id)))
 
 
-def build_router(jobs: Offload, authorize: Authorize | None = None) -> APIRouter:
+def build_router(jobs: Runs, authorize: Authorize | None = None) -> APIRouter:
     """The status API of `jobs`; see the module docstring."""
     decide = authorize or loopback_only
     router = APIRouter(tags=["offload runs"])
@@ -90,38 +100,12 @@ def build_router(jobs: Offload, authorize: Authorize | None = None) -> APIRouter
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: str | None = None,
     ) -> RunPage:
-        states = state or []
         try:
-            after = queries.decode_cursor(cursor) if cursor else None
-            page = await jobs.to_thread(
-                jobs.ledger.read,
-                lambda conn: queries.list_runs(
-                    conn, states=states, task=task, limit=limit, cursor=cursor
-                ),
-            )
+            page = await jobs.list_runs(states=state or (), task=task, limit=limit, cursor=cursor)
         except ValueError as exc:
             raise HTTPException(400, detail=str(exc)) from None
-        # Inline runs live in this process's memory; they merge into the same order.
-        inline = [
-            s
-            for s in jobs.inline.list_runs()
-            if (not states or s.state in states)
-            and (task is None or s.task == task)
-            and (after is None or (s.created_at.timestamp(), s.id) < after)
-        ]
-        merged = sorted(
-            [*page.runs, *inline[: limit + 1]],
-            key=lambda s: (s.created_at.timestamp(), s.id),
-            reverse=True,
-        )
-        runs = merged[:limit]
-        more = page.next_cursor is not None or len(merged) > limit
-        next_cursor = None
-        if more and runs:
-            last = runs[-1]
-            next_cursor = queries.encode_cursor(last.created_at.timestamp(), last.id)
-        shown = [s for s in runs if await allowed(request, s, "read")]
-        return RunPage(runs=shown, next_cursor=next_cursor)
+        shown = [s for s in page.runs if await allowed(request, s, "read")]
+        return RunPage(runs=shown, next_cursor=page.next_cursor)
 
     @router.get("/{run_id}", response_model=RunStatus, summary="One run's status")
     async def get_run(request: Request, run_id: str) -> RunStatus:
@@ -150,7 +134,7 @@ def build_router(jobs: Offload, authorize: Authorize | None = None) -> APIRouter
     return router
 
 
-async def _events(jobs: Offload, run_id: str, status: RunStatus) -> AsyncIterator[str]:
+async def _events(jobs: Runs, run_id: str, status: RunStatus) -> AsyncIterator[str]:
     """A `status` event whenever the run changes, until it finishes or the lane stops."""
     poll_s = INLINE_POLL_S if status.lane is Lane.INLINE else LEDGER_POLL_S
     last = ""
@@ -166,7 +150,7 @@ async def _events(jobs: Offload, run_id: str, status: RunStatus) -> AsyncIterato
         elif time.monotonic() - quiet_since > KEEPALIVE_S:
             yield ": keep-alive\n\n"
             quiet_since = time.monotonic()
-        if status.is_terminal or jobs.inline.is_stopping:
+        if status.is_terminal or jobs.is_stopping:
             return
         await asyncio.sleep(poll_s)
         try:

@@ -14,9 +14,9 @@ inline_max_backlog` runs are unfinished, else it spills to the durable lane (`sp
 start after the response is sent; elsewhere they start at once.
 
 Every run is kept in memory while it is unfinished, and the last `inline_history` finished runs
-after that, so `RunHandle`s and the status API see inline runs like durable ones. Failures are
-logged with the run id and traceback and counted (`offload.metrics`); `retries=` retries in
-memory with the task's `Backoff`.
+after that, so `RunHandle`s and the status API see inline runs like durable ones. An attempt's
+end means what it means on the durable lane (`core/attempt.py`): failures are logged with the
+run id and traceback and counted; `retries=` retries in memory with the task's `Backoff`.
 
 Shutdown (`stop()`): the lane stops taking work, hands every waiting `spill=True` run to the
 durable lane under its own id, lets the rest run until `inline_drain_s`, then ends what is left
@@ -28,188 +28,74 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import threading
 import time
-import traceback
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import anyio
 import anyio.to_thread
 
 from offload import metrics
-from offload.context import TaskContext
-from offload.errors import (
-    ConfigurationError,
-    LaneFullError,
-    Retry,
-    RunNotFoundError,
-    TaskCancelledError,
-    TaskTimeoutError,
-)
-from offload.inline_process import ChildFailure, HardTimeout, ProcessPool
-from offload.interrupt import (
+from offload.core import attempt
+from offload.core.attempt import Failure, Outcome
+from offload.core.interrupt import (
     INTERRUPTS,
     CancelExpired,
     SoftTimeoutExpired,
     clear_interrupt,
     interrupt,
 )
-from offload.run import (
-    ACTIVE_STATES,
+from offload.core.run import (
     TERMINAL_STATES,
     WAITING_STATES,
     JSONValue,
     Lane,
-    Progress,
-    RunHandle,
     RunState,
     RunStatus,
     new_run_id,
 )
+from offload.core.task import Call, Task
+from offload.core.threads import BlockingCalls
+from offload.errors import ConfigurationError, LaneFullError, RunNotFoundError
+from offload.lanes.inline import TASK_NAME_PREFIX
+from offload.lanes.inline.deferrals import current_deferrals
+from offload.lanes.inline.process import ChildFailure, HardTimeout, ProcessPool
+from offload.lanes.inline.run import InlineRun
+from offload.settings import Settings
 
-if TYPE_CHECKING:
-    from offload.app import Offload
-    from offload.task import Call, Task
+logger = logging.getLogger("offload.inline")
 
-logger = logging.getLogger(__name__)
-
-TASK_NAME_PREFIX = "offload.inline:"
-"""asyncio tasks running inline runs are named `offload.inline:<task>:<run id>`."""
-
-
-# --- deferring inside a request ---------------------------------------------------------------
-
-
-class Deferrals:
-    """The inline runs one request deferred; started once its response is sent.
-
-    `end()` starts them: the `jobs.deferrals` dependency has FastAPI call it from the
-    request's exit stack, which FastAPI closes after the response and the request's
-    background tasks, and also when the endpoint raised. On FastAPI versions that close
-    that stack before the response, `schedule` (the request's `BackgroundTasks.add_task`)
-    runs `end()` after the response instead. Every run of the request starts at once, so
-    they run concurrently (Starlette would run background tasks one after another). A
-    deferred run was promised (the caller holds its id), so it starts rather than being lost.
-    """
-
-    __slots__ = ("_runs", "_schedule", "closed")
-
-    def __init__(
-        self, schedule: Callable[[Callable[[], Coroutine[Any, Any, None]]], Any] | None = None
-    ) -> None:
-        self._schedule = schedule
-        self._runs: list[InlineRun] = []
-        self.closed = False
-
-    def add(self, run: InlineRun) -> None:
-        if not self._runs and self._schedule is not None:
-            self._schedule(self.end)
-        self._runs.append(run)
-
-    async def end(self) -> None:
-        """The request is over: start every deferred run; later deferrals start at once."""
-        self.closed = True
-        runs, self._runs = self._runs, []
-        for run in runs:
-            run.lane.launch(run)
-        if current_deferrals.get() is self:
-            current_deferrals.set(None)  # callers sharing one context (tests) start clean
-
-
-current_deferrals: contextvars.ContextVar[Deferrals | None] = contextvars.ContextVar(
-    "offload_deferrals", default=None
-)
-
-
-# --- one run ----------------------------------------------------------------------------------
-
-
-@dataclass(eq=False, slots=True)
-class InlineRun:
-    """One inline run, in memory. Changed on the event loop only (threads set `started_at`)."""
-
-    id: str
-    task: Task[Any, Any]
-    lane: InlineLane
-    kwargs: dict[str, JSONValue]
-    created_at: float
-    context: contextvars.Context | None  #: the deferring caller's context; dropped when done
-    delay_s: float | None = None
-    idempotency_key: str | None = None
-    state: RunState = RunState.PENDING
-    attempts: int = 0
-    failures: int = 0
-    progress: Progress | None = None
-    result: JSONValue = None
-    error: str | None = None
-    traceback: str | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    attempt_started: float = 0.0
-    cancel_requested: bool = False
-    launched: bool = False
-    gone: bool = False  #: spilled to the durable lane: no longer ours
-    worker: asyncio.Task[None] | None = None
-    thread_id: int | None = None
-    pid: int | None = None
-
-    def status(self) -> RunStatus:
-        """This run as the one `RunStatus` schema."""
-        return RunStatus(
-            id=self.id,
-            task=self.task.name,
-            lane=Lane.INLINE,
-            queue=None,
-            state=self.state,
-            dead=False,
-            progress=self.progress,
-            attempts=self.attempts,
-            result=self.result,
-            error=self.error,
-            created_at=datetime.fromtimestamp(self.created_at, UTC),
-            started_at=_utc(self.started_at),
-            finished_at=_utc(self.finished_at),
-        )
-
-    def context_for_attempt(self) -> TaskContext:
-        def write_progress(fraction: float, message: str | None) -> None:
-            self.progress = Progress(fraction=fraction, message=message)
-            if self.state in ACTIVE_STATES:
-                self.state = RunState.PROGRESS
-
-        return TaskContext(
-            run_id=self.id,
-            task=self.task.name,
-            attempt=self.attempts,
-            write_progress=write_progress,
-            probe_cancel=lambda: self.cancel_requested,
-            progress_interval_s=0.0,
-            cancel_check_interval_s=0.0,
-        )
-
-
-def _utc(timestamp: float | None) -> datetime | None:
-    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
-
-
-def _error_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-# --- the lane ---------------------------------------------------------------------------------
+Spill = Callable[[Task[Any, Any], Sequence[Call], Sequence[str] | None], list[str]]
+"""`spill(task, calls, run_ids)`: record and publish calls on the durable lane (blocking), under
+`run_ids` when given; returns the run ids."""
 
 
 class InlineLane:
-    """The inline lane of one `Offload`: admission, execution, the run registry, shutdown."""
+    """The inline lane of one app: admission, execution, the run registry, shutdown.
 
-    def __init__(self, app: Offload) -> None:
-        settings = app.settings
-        self.app = app
+    It gets what it needs from the app that builds it: the settings and clock, the task
+    registry (to start processes for its `cpu_bound` tasks), `spill` for the runs it hands to
+    the durable lane, and `blocking` to run that spill off the event loop.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float],
+        tasks: Mapping[str, Task[Any, Any]],
+        spill: Spill,
+        blocking: BlockingCalls,
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._tasks = tasks
+        self._spill = spill
+        self._blocking = blocking
         self.max_concurrency = settings.inline_max_concurrency
         self.max_backlog = settings.inline_max_backlog
         self.history = settings.inline_history
@@ -230,7 +116,6 @@ class InlineLane:
         self._stopping = False
         self._stop_deadline = 0.0
         self._spilling: asyncio.Task[None] | None = None
-        self._metrics = metrics.RunMetrics()
 
     def __repr__(self) -> str:
         return f"<InlineLane running={self._running} unfinished={self._admitted}>"
@@ -253,7 +138,7 @@ class InlineLane:
             raise ConfigurationError("the inline lane is already started")
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._threads = anyio.CapacityLimiter(self.app.settings.inline_threads)
+        self._threads = anyio.CapacityLimiter(self._settings.inline_threads)
         self._idle = asyncio.Event()
         self._idle.set()
         # Read at scrape time: no per-run cost. The last started lane of a process reports.
@@ -261,12 +146,12 @@ class InlineLane:
         metrics.INLINE_WAITING.set_function(lambda: len(self._waiting))
         self._stopping = False
         cpu_tasks = [
-            t
-            for t in self.app.tasks.values()
-            if t.policy.lane is Lane.INLINE and t.policy.cpu_bound
+            t for t in self._tasks.values() if t.policy.lane is Lane.INLINE and t.policy.cpu_bound
         ]
         if cpu_tasks:
-            self._processes = ProcessPool(self, self.app.settings.inline_cpu_processes)
+            self._processes = ProcessPool(
+                self._settings.inline_cpu_processes, on_started=self._mark_started
+            )
             self._processes.start(sorted({t.fn.__module__ for t in cpu_tasks}))
 
     async def wait_idle(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
@@ -375,14 +260,12 @@ class InlineLane:
             retry_after_s=1.0,
         )
 
-    def _existing(self, task: Task[Any, Any], calls: Sequence[Call]) -> RunHandle[Any] | None:
+    def _existing(self, task: Task[Any, Any], calls: Sequence[Call]) -> str | None:
         key = calls[0].idempotency_key if len(calls) == 1 else None
         if key is None:
             return None
         run_id = self._keys.get((task.name, key))
-        if run_id is not None and run_id in self._runs:
-            return RunHandle(self.app, run_id)
-        return None
+        return run_id if run_id is not None and run_id in self._runs else None
 
     def _require_started(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -392,24 +275,23 @@ class InlineLane:
             )
         return self._loop
 
-    def submit(self, task: Task[Any, Any], calls: Sequence[Call]) -> list[RunHandle[Any]]:
-        """Admit validated calls (from any thread); spill or raise `LaneFullError` when full."""
-        handles = self._admit_unless_full(task, calls)
-        return handles if handles is not None else self._spill_calls(task, calls)
+    def submit(self, task: Task[Any, Any], calls: Sequence[Call]) -> list[str]:
+        """Admit validated calls (from any thread); spill or raise `LaneFullError` when full.
 
-    async def submit_async(
-        self, task: Task[Any, Any], calls: Sequence[Call]
-    ) -> list[RunHandle[Any]]:
+        Returns the run ids.
+        """
+        run_ids = self._admit_unless_full(task, calls)
+        return run_ids if run_ids is not None else self._spill_calls(task, calls)
+
+    async def submit_async(self, task: Task[Any, Any], calls: Sequence[Call]) -> list[str]:
         """`submit()` for the event loop: a spill's ledger and broker work runs off the loop."""
-        handles = self._admit_unless_full(task, calls)
-        if handles is None:
-            handles = await self.app.to_thread(self._spill_calls, task, calls)
-        return handles
+        run_ids = self._admit_unless_full(task, calls)
+        if run_ids is None:
+            run_ids = await self._blocking.run(self._spill_calls, task, calls)
+        return run_ids
 
-    def _admit_unless_full(
-        self, task: Task[Any, Any], calls: Sequence[Call]
-    ) -> list[RunHandle[Any]] | None:
-        """The handles of admitted (or already known) runs; None when they must spill."""
+    def _admit_unless_full(self, task: Task[Any, Any], calls: Sequence[Call]) -> list[str] | None:
+        """The ids of admitted (or already known) runs; None when they must spill."""
         self._require_started()
         existing = self._existing(task, calls)
         if existing is not None:
@@ -420,16 +302,15 @@ class InlineLane:
             raise self._full_error(task)
         return None
 
-    def _admit(self, task: Task[Any, Any], calls: Sequence[Call]) -> list[RunHandle[Any]]:
+    def _admit(self, task: Task[Any, Any], calls: Sequence[Call]) -> list[str]:
         deferrals = current_deferrals.get()
-        now = self.app.clock()
+        now = self._clock()
         on_loop = threading.get_ident() == self._loop_thread
-        handles: list[RunHandle[Any]] = []
+        run_ids: list[str] = []
         for call in calls:
             run = InlineRun(
                 id=new_run_id(),
                 task=task,
-                lane=self,
                 kwargs=call.kwargs,
                 created_at=now,
                 context=contextvars.copy_context(),
@@ -442,27 +323,27 @@ class InlineLane:
             if self._idle is not None:
                 self._idle.clear()
             if deferrals is not None and not deferrals.closed:
-                deferrals.add(run)
+                deferrals.add(functools.partial(self.launch, run))
             elif on_loop:
                 self.launch(run)
             else:
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(self.launch, run)
-            handles.append(RunHandle(self.app, run.id))
-        return handles
+            run_ids.append(run.id)
+        return run_ids
 
-    def _spill_calls(self, task: Task[Any, Any], calls: Sequence[Call]) -> list[RunHandle[Any]]:
+    def _spill_calls(self, task: Task[Any, Any], calls: Sequence[Call]) -> list[str]:
         reason = "shutdown" if self._stopping else "full"
-        handles = self.app.submit_durable(task, calls)
+        run_ids = self._spill(task, calls, None)
         metrics.INLINE_SPILLED.labels(task.name, reason).inc(len(calls))
         logger.info(
             "%d run(s) of %s spilled to the durable lane (%s): %s",
-            len(handles),
+            len(run_ids),
             task.name,
             "lane stopping" if self._stopping else "inline lane full",
-            ", ".join(h.id for h in handles),
+            ", ".join(run_ids),
         )
-        return handles
+        return run_ids
 
     async def _spill_waiting(self, runs: list[InlineRun]) -> None:
         by_task: dict[str, list[InlineRun]] = {}
@@ -475,9 +356,7 @@ class InlineLane:
             task = group[0].task
             calls = [self._call_of(run) for run in group]
             try:
-                await self.app.to_thread(
-                    self.app.submit_durable, task, calls, [r.id for r in group]
-                )
+                await self._blocking.run(self._spill, task, calls, [r.id for r in group])
             except Exception:
                 # Keep them here: they may still run before the drain deadline.
                 logger.exception(
@@ -502,8 +381,6 @@ class InlineLane:
             )
 
     def _call_of(self, run: InlineRun) -> Call:
-        from offload.task import Call
-
         task = run.task
         return Call(
             task=task.name,
@@ -560,10 +437,11 @@ class InlineLane:
             self._mark_started(run)
         try:
             if task.is_async and task.policy.timeout is None and not task.policy.cpu_bound:
-                # The common case without the extra coroutine of `_call()`.
+                # The common case, `attempt.call` written out: no extra coroutine or call, and
+                # arguments that were validated in this process a moment ago cannot be stale.
                 args = (run.context_for_attempt(),) if task.signature.takes_context else ()
                 value = await task.fn(*args, **task.signature.from_json(run.kwargs))
-                result = task.signature.result_adapter.dump_python(value, mode="json")
+                result = task.encode_result(value)
             else:
                 result = await self._call(run)
         except asyncio.CancelledError:
@@ -571,30 +449,10 @@ class InlineLane:
                 self._finish(run, RunState.CANCELLED, error="CancelledError: the lane was stopped")
                 raise
             self._finish(run, RunState.CANCELLED)
-        except TaskCancelledError as exc:
-            self._finish(run, RunState.CANCELLED, error=f"TaskCancelledError: {exc}")
         except ChildFailure as exc:
-            if exc.cancelled and run.cancel_requested:
-                self._finish(run, RunState.CANCELLED, error=exc.error)
-                return
-            self._failed(
-                run,
-                exc,
-                retry=exc.retryable,
-                delay=exc.delay,
-                timeout=exc.timeout,
-                error=exc.error,
-                trace=exc.trace,
-            )
-        except Retry as exc:
-            self._failed(run, exc, retry=True, delay=exc.delay)
-        except TaskTimeoutError as exc:
-            timeout = task.policy.timeout
-            soft = isinstance(exc, SoftTimeoutExpired) and timeout is not None
-            error = f"soft timeout of {timeout.soft:g}s expired" if soft and timeout else str(exc)
-            self._failed(run, exc, timeout=True, error=f"TaskTimeoutError: {error}")
+            self._failed(run, exc.failure)
         except Exception as exc:  # noqa: BLE001 - logged with its traceback and counted
-            self._failed(run, exc)
+            self._failed(run, attempt.describe(exc, task.policy))
         else:
             if run.cancel_requested:
                 self._finish(run, RunState.CANCELLED)
@@ -611,7 +469,7 @@ class InlineLane:
             return
         run.state = RunState.STARTED
         if run.started_at is None:
-            run.started_at = self.app.clock()
+            run.started_at = self._clock()
 
     async def _call(self, run: InlineRun) -> JSONValue:
         """One attempt; returns its result as JSON (what the status API shows)."""
@@ -619,31 +477,19 @@ class InlineLane:
         if task.policy.cpu_bound:
             assert self._processes is not None
             return await self._processes.run(run)
-        kwargs = task.signature.from_json(run.kwargs)
-        args = (run.context_for_attempt(),) if task.signature.takes_context else ()
-        timeout = task.policy.timeout
-        if not task.is_async:
-            value = await self._in_thread(run, task.fn, args, kwargs)
-        elif timeout is None:
-            value = await task.fn(*args, **kwargs)
+        kwargs = attempt.arguments(task, run.kwargs)
+        ctx = run.context_for_attempt() if task.signature.takes_context else None
+        if task.is_async:
+            coro = attempt.call(task, ctx, kwargs)
+            timeout = task.policy.timeout
+            value = await (
+                coro if timeout is None else attempt.within_soft_timeout(coro, timeout.soft)
+            )
         else:
-            deadline = asyncio.timeout(timeout.soft)
-            try:
-                async with deadline:
-                    value = await task.fn(*args, **kwargs)
-            except TimeoutError:
-                if deadline.expired():
-                    raise TaskTimeoutError(f"soft timeout of {timeout.soft:g}s expired") from None
-                raise  # the task's own TimeoutError
-        return task.signature.result_adapter.dump_python(value, mode="json")
+            value = await self._in_thread(run, functools.partial(attempt.call, task, ctx, kwargs))
+        return task.encode_result(value)
 
-    async def _in_thread(
-        self,
-        run: InlineRun,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
+    async def _in_thread(self, run: InlineRun, fn: Callable[[], Any]) -> Any:
         def work() -> Any:
             with self._thread_lock:
                 if run.cancel_requested:
@@ -652,7 +498,7 @@ class InlineLane:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._mark_started, run)
             try:
-                return fn(*args, **kwargs)
+                return fn()
             finally:
                 while True:
                     try:
@@ -691,53 +537,25 @@ class InlineLane:
 
     # --- outcomes (event loop) ----------------------------------------------------------------
 
-    def _failed(
-        self,
-        run: InlineRun,
-        exc: BaseException,
-        *,
-        retry: bool | None = None,
-        delay: float | None = None,
-        timeout: bool = False,
-        error: str | None = None,
-        trace: str | None = None,
-    ) -> None:
+    def _failed(self, run: InlineRun, failure: Failure) -> None:
         task = run.task
-        run.failures += 1
-        policy = task.policy
-        if retry is None:
-            retry = policy.should_retry(exc, run.failures)
-        elif retry:
-            retry = run.failures <= policy.retries
-        if run.cancel_requested or self._stopping:
-            retry = False
-        run.error = error or _error_line(exc)
-        run.traceback = trace or "".join(traceback.format_exception(exc))
-        if retry:
-            wait = delay if delay is not None else policy.backoff.delay(run.failures)
-            run.state = RunState.RETRY
-            metrics.INLINE_RETRIES.labels(task.name).inc()
-            logger.warning(
-                "run %s %s failed on attempt %d: %s; retrying in %.2fs",
-                run.id,
-                task.name,
-                run.attempts,
-                run.error,
-                wait,
-            )
-            assert self._loop is not None
-            self._loop.call_later(wait, self._enqueue, run)
+        if failure.outcome is Outcome.CANCELLED:
+            self._finish(run, RunState.CANCELLED, error=failure.error)
             return
-        logger.error(
-            "run %s %s failed on attempt %d%s: %s\n%s",
-            run.id,
-            task.name,
-            run.attempts,
-            " (timeout)" if timeout else "",
-            run.error,
-            run.traceback.rstrip(),
-        )
-        self._finish(run, RunState.FAILURE, error=run.error)
+        run.failures += 1
+        run.error = failure.error
+        run.traceback = failure.traceback
+        wait = attempt.retry_in(task.policy, failure, run.failures)
+        if run.cancel_requested or self._stopping:
+            wait = None
+        attempt.log_failure(logger, run.id, task.name, run.attempts, failure, wait)
+        if wait is None:
+            self._finish(run, RunState.FAILURE, error=run.error)
+            return
+        run.state = RunState.RETRY
+        metrics.INLINE_RETRIES.labels(task.name).inc()
+        assert self._loop is not None
+        self._loop.call_later(wait, self._enqueue, run)
 
     def _finish(self, run: InlineRun, state: RunState, *, error: str | None = None) -> None:
         if run.state in TERMINAL_STATES:
@@ -745,10 +563,10 @@ class InlineLane:
         run.state = state
         if error is not None:
             run.error = error
-        run.finished_at = self.app.clock()
+        run.finished_at = self._clock()
         ran = run.attempt_started and run.started_at is not None
         duration = time.monotonic() - run.attempt_started if ran else None
-        self._metrics.finished(run.task.name, "inline", state.value, duration)
+        attempt.count_finished(run.task.name, Lane.INLINE, state, duration)
         with self._lock:
             self._admitted -= 1
             idle = self._admitted == 0
@@ -791,10 +609,6 @@ class InlineLane:
         """Every inline run this process remembers, newest first."""
         return [r.status() for r in reversed(list(self._runs.values()))]
 
-    def created_at(self, run_id: str) -> float | None:
-        run = self._runs.get(run_id)
-        return None if run is None else run.created_at
-
     def cancel(self, run_id: str) -> RunStatus:
         """Cancel a waiting run; stop a running one (from the event loop's thread).
 
@@ -814,8 +628,9 @@ class InlineLane:
                 self._waiting.remove(run)
             self._finish(run, RunState.CANCELLED)
         elif run.task.policy.cpu_bound:
-            if self._processes is not None:
-                self._processes.cancel(run)
+            if self._processes is None or not self._processes.cancel(run):
+                run.worker.cancel()  # still waiting for a process
+                self._finish(run, RunState.CANCELLED)
         elif run.task.is_async or not in_thread:
             # A sync run no thread took yet never starts: `work()` checks the flag first.
             run.worker.cancel()
@@ -823,7 +638,7 @@ class InlineLane:
         if run.state not in TERMINAL_STATES:
             # As on the durable lane: a run ignoring `ctx.cancelled` this long is interrupted.
             assert self._loop is not None
-            self._loop.call_later(self.app.settings.cancel_grace_s, self._interrupt, run)
+            self._loop.call_later(self._settings.cancel_grace_s, self._interrupt, run)
         logger.info("run %s %s: cancel requested (%s)", run.id, run.task.name, run.state)
         return run.status()
 
@@ -834,7 +649,7 @@ class InlineLane:
             "run %s %s ignored its cancel request for %gs; raising TaskCancelledError in it",
             run.id,
             run.task.name,
-            self.app.settings.cancel_grace_s,
+            self._settings.cancel_grace_s,
         )
         if run.task.policy.cpu_bound:
             if self._processes is not None:
@@ -857,6 +672,3 @@ class InlineLane:
     def knows(self, run_id: str) -> bool:
         """True if the lane holds this run id."""
         return run_id in self._runs
-
-
-__all__ = ["Deferrals", "InlineLane", "InlineRun", "current_deferrals"]

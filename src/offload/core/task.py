@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
 from pydantic.errors import PydanticSchemaGenerationError, PydanticUserError
 
-from offload.context import TaskContext
+from offload.core.context import TaskContext
+from offload.core.run import JSONValue, Lane
 from offload.errors import TaskArgumentsError, TaskDefinitionError
-from offload.run import JSONValue, Lane, RunHandle
 
 if TYPE_CHECKING:
-    from offload.app import Offload
+    from offload.core.handle import RunHandle
+    from offload.core.ports import Dispatch
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -120,9 +121,10 @@ class Policy:
             if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
                 raise TaskDefinitionError(f"retry_on must hold exception types, got {exc_type!r}")
 
-    def should_retry(self, exc: BaseException, failures: int) -> bool:
-        """True when an attempt that raised `exc`, being failure number `failures`, gets another."""
-        return failures <= self.retries and isinstance(exc, self.retry_on)
+    @property
+    def runs_on_workers(self) -> bool:
+        """True when workers run this task: a durable one, or an inline one that may spill."""
+        return self.lane is Lane.DURABLE or self.spill
 
 
 @dataclass(frozen=True)
@@ -289,19 +291,24 @@ class Task(Generic[P, R]):
 
     def __init__(
         self,
-        app: Offload,
+        host: Dispatch,
         fn: Callable[..., Any],
         name: str,
         policy: Policy,
         options: DeferOptions | None = None,
         signature: _Signature | None = None,
     ) -> None:
-        self.app = app
+        if signature is None:
+            _check_declaration(fn, name, policy)
+            signature = _Signature(fn, name)
+        self._host = host
         self.fn = fn
         self.name = name
         self.policy = policy
+        self.queue = policy.queue or host.default_queue
+        """The queue this task's runs go to, unless an option overrides it."""
         self.is_async = inspect.iscoroutinefunction(fn)
-        self.signature = signature or _Signature(fn, name)
+        self.signature = signature
         self._options = options or DeferOptions()
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
@@ -313,10 +320,13 @@ class Task(Generic[P, R]):
         """Run the plain function in this process, without offload (for unit tests)."""
         return self.fn(*args, **kwargs)
 
-    @property
-    def queue(self) -> str:
-        """The queue this task's runs go to, unless an option overrides it."""
-        return self.policy.queue or self.app.settings.default_queue
+    def decode_result(self, value: JSONValue) -> Any:
+        """A stored JSON result as the task's declared return type."""
+        return self.signature.result_adapter.validate_python(value)
+
+    def encode_result(self, value: Any) -> JSONValue:
+        """A returned value as the JSON the ledger and the status API hold."""
+        return self.signature.result_adapter.dump_python(value, mode="json")
 
     def options(
         self,
@@ -348,7 +358,7 @@ class Task(Generic[P, R]):
             if value is not None
         }
         options = dataclasses.replace(self._options, **changes)
-        return Task(self.app, self.fn, self.name, self.policy, options, self.signature)
+        return Task(self._host, self.fn, self.name, self.policy, options, self.signature)
 
     def prepare(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Call:
         """Validate one call and resolve its options. Raises `TaskArgumentsError`."""
@@ -356,7 +366,7 @@ class Task(Generic[P, R]):
         options = self._options
         countdown = options.delay
         if options.eta is not None:
-            countdown = max(0.0, (options.eta - self.app.now()).total_seconds())
+            countdown = max(0.0, options.eta.timestamp() - self._host.now())
         return Call(
             task=self.name,
             kwargs=arguments,
@@ -371,12 +381,12 @@ class Task(Generic[P, R]):
 
         Raises `TaskArgumentsError` (nothing written), `BrokerUnavailableError`, `LedgerError`.
         """
-        return self.app.submit(self, [self.prepare(args, kwargs)])[0]
+        return self._host.submit(self, [self.prepare(args, kwargs)])[0]
 
     async def defer(self, *args: P.args, **kwargs: P.kwargs) -> RunHandle[R]:
         """Async twin of `defer_sync()`: validates here, writes and publishes off the loop."""
         call = self.prepare(args, kwargs)
-        handles = await self.app.submit_async(self, [call])
+        handles = await self._host.submit_async(self, [call])
         return handles[0]
 
     def defer_many_sync(self, calls: Iterable[Mapping[str, Any]]) -> list[RunHandle[R]]:
@@ -385,11 +395,11 @@ class Task(Generic[P, R]):
         Every call is validated first: if any is wrong, `TaskArgumentsError` names its index
         and nothing is written.
         """
-        return self.app.submit(self, self._prepare_many(calls))
+        return self._host.submit(self, self._prepare_many(calls))
 
     async def defer_many(self, calls: Iterable[Mapping[str, Any]]) -> list[RunHandle[R]]:
         """Async twin of `defer_many_sync()`."""
-        return await self.app.submit_async(self, self._prepare_many(calls))
+        return await self._host.submit_async(self, self._prepare_many(calls))
 
     def _prepare_many(self, calls: Iterable[Mapping[str, Any]]) -> list[Call]:
         prepared = []
@@ -402,3 +412,19 @@ class Task(Generic[P, R]):
                     [{**e, "loc": [index, *e["loc"]]} for e in exc.errors],
                 ) from None
         return prepared
+
+
+def _check_declaration(fn: Callable[..., Any], name: str, policy: Policy) -> None:
+    """What a declaration gets wrong beyond its policy's own values."""
+    if not callable(fn):
+        raise TaskDefinitionError(f"@task needs a function, got {fn!r}")
+    if policy.spill and policy.lane is not Lane.INLINE:
+        raise TaskDefinitionError(
+            f"Task {name!r}: spill=True sends inline overflow to the durable lane; "
+            "it needs lane='inline'"
+        )
+    if policy.lane is Lane.INLINE and policy.cpu_bound and "<locals>" in fn.__qualname__:
+        raise TaskDefinitionError(
+            f"Task {name!r}: a cpu_bound inline task runs in another process, which "
+            "imports it by name; declare it at module level"
+        )

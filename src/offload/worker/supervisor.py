@@ -4,7 +4,7 @@ The supervisor starts Celery workers as child processes and starts them again wh
 (a hard timeout ends its process on purpose): `worker_processes` consumers with a thread pool
 for I/O tasks, and one prefork consumer for `cpu_bound` tasks. Several single-threaded
 consumers drain more runs per second than one prefork parent, which does every broker round
-trip itself (`shared/notes/celery-tuning.md`: ~650/s for one consumer, ~1,300/s for two).
+trip itself (~650 runs/s for one consumer, ~1,300/s for two; `docs/architecture.md`).
 
 `low_priority` makes the workers yield the CPU to the API process on the same machine:
 their own scheduling group (session autogroup, nice 19) and the idle scheduling policy.
@@ -18,9 +18,7 @@ fresh interpreters instead, because a fork copies locks that other threads hold.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
-import importlib
 import logging
 import os
 import signal
@@ -32,103 +30,16 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, ModuleType
-from typing import IO, Any
+from types import FrameType
+from typing import IO, TYPE_CHECKING, Any
 
-from offload.app import Offload
 from offload.errors import ConfigurationError
+from offload.worker.child import run_celery_worker
+
+if TYPE_CHECKING:
+    from offload.app import Offload
 
 logger = logging.getLogger("offload.worker")
-
-RESTART_PAUSE_S = 1.0
-
-
-def load_offload(spec: str) -> Offload:
-    """Import `module:attribute` (or `module`, holding exactly one Offload) and return it."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name:
-        raise ConfigurationError(f"{spec!r} is not MODULE:ATTRIBUTE; example: myapp.main:jobs")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise ConfigurationError(
-                f"Cannot import {module_name!r} ({exc}); run from the directory that holds it"
-            ) from exc
-        raise
-    if attribute:
-        found: Any = module
-        for part in attribute.split("."):
-            found = getattr(found, part, None)
-        if isinstance(found, Offload):
-            return found
-        return _only_offload(module, spec)
-    return _only_offload(module, spec)
-
-
-def _only_offload(module: ModuleType, spec: str) -> Offload:
-    found = {id(v): v for v in vars(module).values() if isinstance(v, Offload)}
-    if len(found) != 1:
-        raise ConfigurationError(
-            f"{spec!r}: expected one Offload instance in {module.__name__}, found {len(found)}; "
-            "name it explicitly, e.g. myapp.main:jobs"
-        )
-    return next(iter(found.values()))
-
-
-def lower_priority() -> None:
-    """Yield the CPU to other processes: own autogroup at nice 19, nice 19, SCHED_IDLE.
-
-    Call in a process started in its own session. Linux-only parts fail quietly elsewhere.
-    """
-    with contextlib.suppress(OSError):
-        # The autogroup is what the kernel shares CPU between; nice alone only weighs tasks
-        # inside the group.
-        Path("/proc/self/autogroup").write_text("19")
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
-    if hasattr(os, "SCHED_IDLE"):
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-
-
-def die_with_parent(signum: int = signal.SIGTERM) -> None:
-    """Ask Linux to send `signum` to this process when its parent dies (no orphans)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signum)
-
-
-def run_celery_worker(
-    spec: str,
-    *,
-    pool: str,
-    concurrency: int,
-    queues: Sequence[str],
-    hostname: str,
-    loglevel: str = "WARNING",
-    low_priority: bool = False,
-) -> None:
-    """Run one Celery worker for the Offload at `spec` in this process (blocks)."""
-    die_with_parent()
-    if low_priority:
-        lower_priority()
-    jobs = load_offload(spec)
-    argv = [
-        "worker",
-        f"--pool={pool}",
-        f"--concurrency={concurrency}",
-        f"--queues={','.join(queues)}",
-        f"--hostname={hostname}",
-        f"--loglevel={loglevel}",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-    ]
-    jobs.celery.worker_main(argv)
 
 
 @dataclass
@@ -366,30 +277,3 @@ def embedded_worker_lock(data_dir: Path) -> Any:
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _main(argv: Sequence[str]) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m offload.worker")
-    parser.add_argument("spec")
-    parser.add_argument("--pool", required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--queues", required=True)
-    parser.add_argument("--hostname", required=True)
-    parser.add_argument("--loglevel", default="WARNING")
-    parser.add_argument("--low-priority", action="store_true")
-    args = parser.parse_args(argv)
-    run_celery_worker(
-        args.spec,
-        pool=args.pool,
-        concurrency=args.concurrency,
-        queues=args.queues.split(","),
-        hostname=args.hostname,
-        loglevel=args.loglevel,
-        low_priority=args.low_priority,
-    )
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])

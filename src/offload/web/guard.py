@@ -21,9 +21,9 @@ from types import FrameType
 from typing import Any
 
 from offload import metrics
-from offload.inline import TASK_NAME_PREFIX
+from offload.lanes.inline import TASK_NAME_PREFIX
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("offload.guard")
 
 _HINT = (
     "blocking calls (time.sleep, requests, sync database drivers, CPU loops) do not belong "

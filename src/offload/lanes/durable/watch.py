@@ -1,100 +1,40 @@
-"""Stopping a running task: raising an exception inside it, and the threads that decide when.
+"""The durable lane's watchers: the threads that decide when a running attempt is stopped.
 
-`interrupt()` is shared by the durable lane's executor and the inline lane, and the inline
-lane's processes raise the same exceptions. A task on its process's main thread (a prefork
-child runs its task there) gets the exception from a signal handler, so sleeps and blocking
-calls are interrupted too; a task on another thread gets an asynchronous exception, which it
-sees at its next Python instruction (a blocking C call sees it when it returns).
-
-`Watchdog` enforces a durable attempt's soft and hard deadlines; `CancelWatcher` stops a
-durable attempt whose run was cancelled. Each is one thread per process (started again in a
-forked child). Ending the process is the only way to stop a thread that will not stop: the
-attempt is recorded first, and `offload worker` starts a new process.
+`Watchdog` enforces an attempt's soft and hard deadlines; `CancelWatcher` stops an attempt
+whose run was cancelled. Each is one thread per process (started again in a forked child).
+Ending the process is the only way to stop a thread that will not stop: the attempt is recorded
+first, and `offload worker` starts a new process.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import heapq
 import itertools
 import logging
 import os
-import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from offload.context import TaskContext
-from offload.errors import LedgerError, TaskCancelledError, TaskTimeoutError
-from offload.ledger import queries
-
-if TYPE_CHECKING:
-    from offload.executor import Executor
+from offload.core.context import TaskContext
+from offload.core.interrupt import (
+    INTERRUPTS,
+    CancelExpired,
+    SoftTimeoutExpired,
+    clear_interrupt,
+    interrupt,
+    watch_thread,
+)
+from offload.errors import LedgerError
 
 logger = logging.getLogger("offload.durable")
 
 HARD_TIMEOUT_EXIT_CODE = 70
 """Exit status of a worker process ended by a hard timeout or an ignored cancel."""
 
-INTERRUPT_SIGNAL = signal.SIGUSR2
-"""Delivers an interrupt to a task on its process's main thread."""
-
-
-class SoftTimeoutExpired(TaskTimeoutError):
-    """`TaskTimeoutError` raised in a running task when its soft timeout expires."""
-
-    def __init__(self, *args: object) -> None:
-        super().__init__(*(args or ("soft timeout expired",)))
-
-
-class CancelExpired(TaskCancelledError):
-    """`TaskCancelledError` raised in a running task that ignored `cancel()`."""
-
-    def __init__(self, *args: object) -> None:
-        super().__init__(*(args or ("cancelled: the task ignored ctx.cancelled too long",)))
-
-
-INTERRUPTS = (SoftTimeoutExpired, CancelExpired)
-"""What `interrupt()` raises; code that ends an attempt catches these around its bookkeeping."""
-
-_main_pending: type[BaseException] | None = None
-
-
-def _on_interrupt_signal(_signum: int, _frame: object) -> None:
-    global _main_pending
-    pending, _main_pending = _main_pending, None
-    if pending is not None:
-        raise pending()
-
-
-def watch_thread(thread_id: int) -> None:
-    """Prepare to interrupt `thread_id`; call it from that thread before the task starts."""
-    if thread_id == threading.main_thread().ident:
-        signal.signal(INTERRUPT_SIGNAL, _on_interrupt_signal)
-
-
-def interrupt(thread_id: int, exc_type: type[BaseException]) -> None:
-    """Raise `exc_type` in a thread of this process, soon."""
-    global _main_pending
-    if thread_id == threading.main_thread().ident:
-        _main_pending = exc_type
-        os.kill(os.getpid(), INTERRUPT_SIGNAL)
-    else:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(thread_id), ctypes.py_object(exc_type)
-        )
-
-
-def clear_interrupt(thread_id: int) -> None:
-    """Forget an interrupt that was sent to `thread_id` but not yet seen."""
-    global _main_pending
-    if thread_id == threading.main_thread().ident:
-        _main_pending = None
-    else:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
+CancelQuery = Callable[[Sequence[str]], list[str]]
+"""`ask(run_ids)`: which of these running runs were cancelled."""
 
 
 @dataclass(order=True)
@@ -207,7 +147,7 @@ class Running:
 class CancelWatcher:
     """One thread per process that stops running attempts whose run was cancelled.
 
-    Every `CANCEL_POLL_S` it asks the ledger which of this process's running runs were
+    Every `poll_s` it asks the ledger which of this process's running runs were
     cancelled. Their `ctx.cancelled` turns True at once; a task still running `grace_s` later
     gets `TaskCancelledError`; one still running after twice that has its process ended (the
     only way to stop a thread), with the run recorded CANCELLED first.
@@ -219,16 +159,19 @@ class CancelWatcher:
         self._running: dict[str, Running] = {}
         self._lock = threading.Lock()
         self._pid = 0
-        self._executor: Executor | None = None
+        self._ask: CancelQuery | None = None
+        self._grace_s = 0.0
 
-    def add(self, executor: Executor, run_id: str, running: Running) -> None:
+    def add(self, run_id: str, running: Running, ask: CancelQuery, grace_s: float) -> None:
+        """Watch `run_id`; `ask(run_ids)` says which of them were cancelled (the ledger)."""
         watch_thread(running.thread_id)
         with self._lock:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._running = {}
                 threading.Thread(target=self._loop, name="offload-cancel", daemon=True).start()
-            self._executor = executor
+            self._ask = ask
+            self._grace_s = grace_s
             self._running[run_id] = running
 
     def remove(self, run_id: str) -> None:
@@ -247,17 +190,14 @@ class CancelWatcher:
             time.sleep(self.poll_s)
             with self._lock:
                 run_ids = list(self._running)
-                executor = self._executor
-            if not run_ids or executor is None:
+                ask, grace = self._ask, self._grace_s
+            if not run_ids or ask is None:
                 continue
             try:
-                flagged = executor.ledger.read(
-                    functools.partial(queries.cancel_requested_among, run_ids=run_ids)
-                )
+                flagged = ask(run_ids)
             except LedgerError:
                 logger.exception("checking %d running run(s) for cancellation failed", len(run_ids))
                 continue
-            grace = executor.settings.cancel_grace_s
             now = self._clock()
             with self._lock:
                 for run_id in flagged:

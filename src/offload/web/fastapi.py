@@ -28,13 +28,13 @@ from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from offload.errors import LaneFullError, OffloadError, RunNotFoundError, TaskArgumentsError
-from offload.guard import LoopGuard
-from offload.inline import Deferrals, InlineLane, current_deferrals
+from offload.lanes.inline.deferrals import Deferrals, current_deferrals
+from offload.web.guard import LoopGuard
 
 if TYPE_CHECKING:
-    from offload.app import Offload
+    from offload.lanes.inline.lane import InlineLane
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("offload.fastapi")
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
 ExceptionHandler = Callable[[Request, Any], Coroutine[Any, Any, Response]]
@@ -114,14 +114,13 @@ EXCEPTION_HANDLERS: ExceptionHandlers = {
 # --- lifespan ---------------------------------------------------------------------------------
 
 
-def lifespan_of(jobs: Offload) -> Lifespan:
-    """The lifespan that starts and stops `jobs`'s inline lane and the event-loop guard."""
+def lifespan_of(lane: InlineLane, loop_block_threshold_s: float) -> Lifespan:
+    """The lifespan that starts and stops an inline lane and the event-loop guard."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
-        lane = jobs.inline
         await lane.start()
-        guard = LoopGuard(jobs.settings.loop_block_threshold_s)
+        guard = LoopGuard(loop_block_threshold_s)
         guard.start()
         restore = _on_shutdown_signal(lane)
         try:

@@ -1,10 +1,10 @@
 """`cpu_bound` inline runs: a pool of spawned processes that yield the CPU to the API.
 
-Each process starts its own session (so its own scheduling autogroup), sets that autogroup's
-nice to 19, its own nice to 19 and the idle scheduling policy (`offload.worker.lower_priority`):
-`shared/notes/celery-tuning.md` "Experiment 2" measured that only this combination leaves a
-co-located API at idle throughput and latency. Processes are spawned, never forked from the
-threaded API process, and die with it (`PR_SET_PDEATHSIG`).
+Each process starts its own session (so its own scheduling autogroup) and yields the CPU to the
+API (`core.process.lower_priority`: autogroup nice 19, nice 19 and the idle scheduling policy).
+Processes are spawned, never forked from the threaded API process, and die with it
+(`PR_SET_PDEATHSIG`). An attempt's end is described in the child (`core.attempt.describe`),
+since tracebacks do not pickle, and its `Failure` sent back.
 
 A child finds the task by importing its module: `cpu_bound` inline tasks must be declared at
 module level. Progress and start events come back on one queue read by a parent thread;
@@ -24,50 +24,49 @@ import shutil
 import signal
 import tempfile
 import threading
-import traceback
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from offload.context import TaskContext
-from offload.errors import Retry, TaskCancelledError, TaskDefinitionError, TaskTimeoutError
-from offload.interrupt import CancelExpired, SoftTimeoutExpired
-from offload.run import JSONValue, Progress, RunState
+from offload.core import attempt
+from offload.core.attempt import Failure
+from offload.core.context import TaskContext
+from offload.core.interrupt import CancelExpired, SoftTimeoutExpired
+from offload.core.process import die_with_parent, lower_priority
+from offload.core.run import ACTIVE_STATES, JSONValue, RunState
+from offload.core.task import Task
+from offload.errors import TaskDefinitionError, TaskTimeoutError
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
-    from offload.inline import InlineLane, InlineRun
+    from offload.lanes.inline.run import InlineRun
 
 logger = logging.getLogger("offload.inline")
 
 CHILD_PROGRESS_INTERVAL_S = 0.1
 
 
-@dataclass
 class ChildFailure(Exception):
-    """An attempt that failed in a child process, described there (tracebacks do not pickle)."""
+    """An attempt that failed in a child process, as the child described it."""
 
-    error: str
-    trace: str
-    retryable: bool
-    delay: float | None
-    timeout: bool
-    cancelled: bool = False
-
-    def __str__(self) -> str:
-        return self.error
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.error)
+        self.failure = failure
 
 
 class ProcessPool:
-    """The lane's processes for `cpu_bound` runs; at most `size` runs are handed over at once."""
+    """The lane's processes for `cpu_bound` runs; at most `size` runs are handed over at once.
 
-    def __init__(self, lane: InlineLane, size: int) -> None:
-        self.lane = lane
+    `on_started(run)` is called on the event loop when a child starts a run.
+    """
+
+    def __init__(self, size: int, *, on_started: Callable[[InlineRun], None]) -> None:
         self.size = size
+        self._on_started = on_started
         context = multiprocessing.get_context("spawn")
         # A pipe, not a queue: a queue's locks are named semaphores the resource tracker
         # reports as leaked when the API exits. Each event is one write below PIPE_BUF, which
@@ -132,16 +131,14 @@ class ProcessPool:
     def _on_event(self, event: tuple[Any, ...]) -> None:
         kind, run_id, *rest = event
         run = self._submitted.get(run_id)
-        if run is None or run.state not in (RunState.PENDING, *_ACTIVE):
+        if run is None or (run.state is not RunState.PENDING and run.state not in ACTIVE_STATES):
             return
         if kind == "started":
             run.pid = rest[0]
             self._pids.add(rest[0])
-            self.lane._mark_started(run)
+            self._on_started(run)
         elif kind == "progress":
-            run.progress = Progress(fraction=rest[0], message=rest[1])
-            if run.state in _ACTIVE:
-                run.state = RunState.PROGRESS
+            run.report_progress(rest[0], rest[1])
 
     async def run(self, run: InlineRun) -> JSONValue:
         """Run one attempt in a child; returns the JSON result or raises `ChildFailure`."""
@@ -183,7 +180,7 @@ class ProcessPool:
         ok, value = outcome
         if ok:
             return value
-        raise ChildFailure(**value)
+        raise ChildFailure(value)
 
     def interrupt(self, run: InlineRun) -> None:
         """Raise `TaskCancelledError` in the child running `run` (it checks the run's marker,
@@ -192,13 +189,12 @@ class ProcessPool:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(run.pid, signal.SIGUSR1)
 
-    def cancel(self, run: InlineRun) -> None:
-        """Ask a run to stop: its child sees `ctx.cancelled`; one waiting for a slot ends now."""
-        if run.id in self._submitted:
-            (self._cancel_dir / run.id).touch()
-        elif run.worker is not None:
-            run.worker.cancel()
-            self.lane._finish(run, RunState.CANCELLED)
+    def cancel(self, run: InlineRun) -> bool:
+        """Ask a run a child holds to stop (it sees `ctx.cancelled`); False if none holds it."""
+        if run.id not in self._submitted:
+            return False
+        (self._cancel_dir / run.id).touch()
+        return True
 
     async def aclose(self) -> None:
         """Stop the processes; a run still going (abandoned after a hard timeout) is killed."""
@@ -212,9 +208,6 @@ class ProcessPool:
         self._sender.close()
         self._events.close()
         shutil.rmtree(self._cancel_dir, ignore_errors=True)
-
-
-_ACTIVE = (RunState.STARTED, RunState.PROGRESS)
 
 
 class HardTimeout(TaskTimeoutError):
@@ -239,8 +232,6 @@ def _child_init(events: Connection) -> None:
     _events = events
     with contextlib.suppress(OSError):
         os.setsid()  # our own session, so our own autogroup: nice then weighs against the API
-    from offload.worker import die_with_parent, lower_priority
-
     die_with_parent(signal.SIGKILL)
     lower_priority()
     signal.signal(signal.SIGUSR1, _on_cancel_signal)
@@ -261,9 +252,7 @@ def _on_cancel_signal(_signum: int, _frame: FrameType | None) -> None:
         raise CancelExpired
 
 
-def _find_task(module: str, qualname: str) -> Any:
-    from offload.task import Task
-
+def _find_task(module: str, qualname: str) -> Task[Any, Any]:
     found: Any = importlib.import_module(module)
     for part in qualname.split("."):
         found = getattr(found, part, None)
@@ -279,7 +268,7 @@ def _child_run(
     module: str,
     qualname: str,
     run_id: str,
-    attempt: int,
+    attempt_number: int,
     kwargs: dict[str, JSONValue],
     soft_s: float | None,
     cancel_marker: str,
@@ -297,7 +286,7 @@ def _child_run(
     ctx = TaskContext(
         run_id=run_id,
         task=task.name,
-        attempt=attempt,
+        attempt=attempt_number,
         write_progress=write_progress,
         probe_cancel=lambda: os.path.exists(cancel_marker),
         progress_interval_s=CHILD_PROGRESS_INTERVAL_S,
@@ -307,28 +296,14 @@ def _child_run(
         signal.signal(signal.SIGALRM, _on_alarm)
         signal.setitimer(signal.ITIMER_REAL, soft_s)
     try:
-        call_kwargs = task.signature.from_json(kwargs)
-        args = (ctx,) if task.signature.takes_context else ()
-        value = task.fn(*args, **call_kwargs)
+        value = attempt.call(task, ctx, attempt.arguments(task, kwargs))
         if asyncio.iscoroutine(value):
             value = asyncio.run(value)
         ctx.flush()
-        return True, task.signature.result_adapter.dump_python(value, mode="json")
+        return True, task.encode_result(value)
     except BaseException as exc:  # noqa: BLE001 - described and sent back to the parent
         ctx.flush()
-        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if isinstance(exc, SoftTimeoutExpired):
-            error = f"TaskTimeoutError: soft timeout of {soft_s:g}s expired"
-        elif isinstance(exc, CancelExpired):
-            error = f"TaskCancelledError: {exc}"
-        return False, {
-            "error": error,
-            "trace": "".join(traceback.format_exception(exc)),
-            "retryable": isinstance(exc, (Retry, *task.policy.retry_on)),
-            "delay": exc.delay if isinstance(exc, Retry) else None,
-            "timeout": isinstance(exc, TaskTimeoutError),
-            "cancelled": isinstance(exc, TaskCancelledError),
-        }
+        return False, attempt.describe(exc, task.policy)
     finally:
         _cancel_marker = ""
         if soft_s is not None:

@@ -1,0 +1,212 @@
+"""The durable lane on Celery: the Celery app, task registration, recording and publishing.
+
+Every offload task of this lane becomes a Celery task of the same name whose body is
+`Executor.execute`; results and states live in the ledger, never in a Celery result backend.
+
+Guarantees set here: a run is in the ledger before its message is published, and a run the
+broker refused is removed again (nothing half-written); messages are acknowledged after the
+attempt's outcome is in the ledger (acks late), a pool process that dies hands its message back
+(reject on worker lost), one message is prefetched per execution slot (long tasks do not hoard
+work), and the ledger hears that running attempts are alive every `heartbeat_interval_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import Reject
+
+from offload import transport
+from offload.core.run import Lane, new_run_id
+from offload.core.task import MAX_PRIORITY, Call, Task
+from offload.errors import TaskArgumentsError
+from offload.lanes.durable.executor import Executor, HandBack
+from offload.lanes.durable.heartbeat import heartbeat_step
+from offload.lanes.durable.poison import consumer_class
+from offload.lanes.durable.publish import Publisher, broker_queue
+from offload.ledger import Ledger, queries
+from offload.settings import Settings
+
+logger = logging.getLogger("offload.durable")
+
+ORPHAN_BATCH = 500
+"""Most orphaned runs one sweep publishes again."""
+
+
+def celery_config(settings: Settings, ledger: Ledger) -> dict[str, Any]:
+    """The Celery configuration of a durable lane: JSON only, acks late, the ledger as store."""
+    scheme = settings.broker_scheme
+    options: dict[str, Any] = {}
+    broker_transport = None
+    if scheme in ("redis", "rediss"):
+        # kombu's Redis transport plus visibility extension and prompt restore sweeps.
+        broker_transport = transport.REDIS_TRANSPORT
+        options["visibility_timeout"] = settings.visibility_timeout_s
+    elif scheme == "sqlite":
+        options["lease_s"] = settings.visibility_timeout_s
+    options.update(settings.broker_options)
+    config: dict[str, Any] = {
+        "broker_url": settings.resolved_broker_url,
+        "broker_transport": broker_transport,
+        "broker_transport_options": options,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": settings.publish_timeout_s,
+        # JSON only: pickle would let whoever can publish run code in the worker.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        # The ledger stores results and states.
+        "task_ignore_result": True,
+        "task_store_errors_even_if_ignored": False,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.default_queue,
+        "task_create_missing_queues": True,
+        "task_queue_max_priority": MAX_PRIORITY + 1,
+        "task_default_priority": None,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "worker_enable_remote_control": scheme != "sqlite",
+        # A channel error must not reconnect the consumer: the reconnect hands back the
+        # leases of runs still executing, and they would run twice.
+        "broker_channel_error_retry": False,
+        # Requeue the message of a pool process that died within 2 s, not Celery's 10 s.
+        "worker_lost_wait": 2.0,
+        "worker_consumer": consumer_class(ledger),
+        "enable_utc": True,
+    }
+    if scheme == "rediss":
+        config["broker_use_ssl"] = True  # an explicit transport does not infer TLS
+    return config
+
+
+class DurableLane:
+    """The durable lane of one app: its Celery app, the runs it records and publishes, and the
+    executor its workers run attempts with.
+
+    `tasks` is the app's registry, read when a worker asks which queues to consume and when a
+    message of a task this process does not know must be published by name.
+    """
+
+    def __init__(
+        self, settings: Settings, ledger: Ledger, tasks: Mapping[str, Task[Any, Any]]
+    ) -> None:
+        transport.register()
+        self._settings = settings
+        self._ledger = ledger
+        self._tasks = tasks
+        self.celery = Celery(f"offload-{id(self):x}", set_as_current=False)
+        self.celery.config_from_object(celery_config(settings, ledger))
+        self._routes: dict[str, dict[str, str]] = {}
+        self.celery.conf.task_routes = (self._routes,)
+        self._celery_tasks: dict[str, Any] = {}
+        self.publisher = Publisher(self.celery, settings, tasks, self._celery_tasks)
+        self.executor = Executor(settings, ledger, self.publisher.publish_one)
+        self.celery.steps["worker"].add(heartbeat_step(ledger, settings, self.republish_orphans))
+
+    def register(self, task: Task[Any, Any]) -> None:
+        """Declare `task` to Celery under its own name."""
+        execute = self.executor.execute
+        options: dict[str, Any] = {
+            "name": task.name,
+            # Not shared: Celery would otherwise add it to every app created later.
+            "shared": False,
+            "bind": True,
+            "typing": False,
+            "acks_late": True,
+            "reject_on_worker_lost": True,
+            "ignore_result": True,
+            "serializer": "json",
+        }
+
+        def run(celery_task: Any, **kwargs: Any) -> None:
+            try:
+                execute(task, celery_task.request.id, kwargs)
+            except HandBack as exc:
+                raise Reject(str(exc), requeue=True) from None
+
+        run.__name__ = task.name.rsplit(".", 1)[-1]
+        run.__qualname__ = run.__name__
+        run.__module__ = getattr(task.fn, "__module__", __name__)
+        self._celery_tasks[task.name] = self.celery.task(**options)(run)
+        self._routes[task.name] = {"queue": broker_queue(task.queue, task.policy.cpu_bound)}
+
+    def queues(self, *, cpu_bound: bool) -> list[str]:
+        """The broker queues of the registered tasks, for the I/O or the CPU workers."""
+        names = {self._settings.default_queue} if not cpu_bound else set()
+        for task in self._tasks.values():
+            if task.policy.runs_on_workers and task.policy.cpu_bound == cpu_bound:
+                names.add(broker_queue(task.queue, cpu_bound))
+        return sorted(names)
+
+    def submit(
+        self, task: Task[Any, Any], calls: Sequence[Call], run_ids: Sequence[str] | None = None
+    ) -> list[str]:
+        """Record validated calls in the ledger and publish them (blocking); their run ids.
+
+        A call whose idempotency key names an existing run returns that run's id and publishes
+        nothing. `run_ids` keeps the ids inline runs already have when they spill.
+        """
+        if not calls:
+            return []
+        if len(calls) > 1 and any(c.idempotency_key for c in calls):
+            raise TaskArgumentsError(
+                f"{task.name}: an idempotency_key names one run; defer_many() cannot share it"
+            )
+        now = self._ledger.clock()
+        new = [
+            queries.NewRun(
+                id=run_ids[index] if run_ids else new_run_id(),
+                task=task.name,
+                lane=Lane.DURABLE,
+                queue=call.queue,
+                priority=call.priority,
+                args=call.kwargs,
+                idempotency_key=call.idempotency_key,
+                next_attempt_at=now + call.countdown_s if call.countdown_s else None,
+            )
+            for index, call in enumerate(calls)
+        ]
+        recorded = self._ledger.write(lambda conn: queries.insert_runs(conn, new, now))
+        fresh = [
+            (run_id, call)
+            for (run_id, created), call in zip(recorded, calls, strict=True)
+            if created
+        ]
+        if fresh:
+            try:
+                self.publisher.publish(task, fresh)
+            except Exception:
+                # Nothing half-written: a run the broker never got is not a run.
+                self._ledger.write(lambda conn: queries.delete_runs(conn, [r for r, _ in fresh]))
+                raise
+        return [run_id for run_id, _ in recorded]
+
+    def republish_orphans(self) -> int:
+        """Publish again the waiting runs whose message has not shown up for too long."""
+        after_s = self._settings.orphan_after_s
+        orphans = self._ledger.write(
+            lambda conn: queries.take_orphans(conn, self._ledger.clock(), after_s, ORPHAN_BATCH)
+        )
+        for orphan in orphans:
+            logger.warning(
+                "run %s %s waited %.0fs without a delivery; publishing it again",
+                orphan.id,
+                orphan.task,
+                after_s,
+            )
+            self.publisher.publish_one(orphan)
+        return len(orphans)
+
+    def close(self) -> None:
+        """Release the broker connections (the lane can publish again afterwards)."""
+        self.celery.close()

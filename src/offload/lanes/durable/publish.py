@@ -1,0 +1,207 @@
+"""Publishing durable runs: one Celery protocol-2 message per run, built here.
+
+The message carries the run id as Celery's task id and the validated arguments as JSON keyword
+arguments, so plain `celery` workers and `send_task()` interoperate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery, signals
+from celery.utils.nodenames import anon_nodename
+
+from offload.core.task import MAX_PRIORITY
+from offload.errors import BrokerUnavailableError
+from offload.settings import Settings, mask_url
+
+if TYPE_CHECKING:
+    from offload.core.task import Call, Task
+    from offload.ledger.queries import RunMessage
+
+CPU_QUEUE_SUFFIX = ".cpu"
+"""`cpu_bound` tasks wait in `<queue>.cpu`, consumed by prefork workers; the rest by threads."""
+
+PUBLISH_BATCH = 500
+"""Most messages one broker batch (one pipeline on Redis) carries."""
+
+PERSISTENT_DELIVERY_MODE = 2
+REPR_MAX_CHARS = 1024
+"""Celery's `kwargsrepr_maxsize`: what worker logs and `celery inspect` show of the arguments."""
+
+_NO_CANVAS = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def broker_queue(queue: str, cpu_bound: bool) -> str:
+    """The broker queue a task's runs are published to."""
+    return queue + CPU_QUEUE_SUFFIX if cpu_bound else queue
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= REPR_MAX_CHARS else text[: REPR_MAX_CHARS - 3] + "..."
+
+
+class Publisher:
+    """Sends the messages of one durable lane through its Celery app's producer pool.
+
+    `celery_tasks` maps task names to the Celery tasks the lane registered; `tasks` is the
+    app's registry (a run of a task this process does not know is sent by name).
+    """
+
+    def __init__(
+        self,
+        celery: Celery,
+        settings: Settings,
+        tasks: Mapping[str, Task[Any, Any]],
+        celery_tasks: Mapping[str, Any],
+    ) -> None:
+        self._celery = celery
+        self._settings = settings
+        self._tasks = tasks
+        self._celery_tasks = celery_tasks
+        # kombu's Redis transport serves *lower* numbers first; AMQP and ours serve higher.
+        self._lower_first = settings.broker_scheme in ("redis", "rediss")
+        timeout = settings.publish_timeout_s
+        self._options: dict[str, Any] = {
+            "retry": True,
+            "retry_policy": {
+                "max_retries": max(1, int(timeout / 0.5)),
+                "interval_start": 0,
+                "interval_step": 0.25,
+                "interval_max": 0.5,
+            },
+        }
+
+    def publish(self, task: Task[Any, Any], calls: Sequence[tuple[str, Call]]) -> None:
+        """Publish one message per `(run id, call)`; `BrokerUnavailableError` if refused."""
+        celery_task = self._celery_tasks[task.name]
+        try:
+            with self._celery.producer_or_acquire() as producer:
+                # Many runs go out in transport-owned batches (one pipeline on Redis).
+                batch = (
+                    producer.batch(max_size=PUBLISH_BATCH)
+                    if len(calls) > 1
+                    else contextlib.nullcontext()
+                )
+                with batch:
+                    for run_id, call in calls:
+                        self._send(
+                            celery_task,
+                            task,
+                            run_id,
+                            call.kwargs,
+                            call.queue,
+                            call.priority,
+                            call.countdown_s,
+                            producer,
+                        )
+        except Exception as exc:
+            url = mask_url(self._settings.resolved_broker_url)
+            raise BrokerUnavailableError(
+                f"The broker at {url} did not accept the message for {task.name!r}: {exc}; "
+                "check that it is running (nothing was recorded)"
+            ) from exc
+
+    def publish_one(self, message: RunMessage, countdown_s: float | None = None) -> None:
+        """Publish a message for an existing run (a retry, a parked delivery, an orphan)."""
+        task = self._tasks.get(message.task)
+        with self._celery.producer_or_acquire() as producer:
+            if task is None or message.task not in self._celery_tasks:
+                # A task this process does not know: address it by name.
+                self._celery.send_task(
+                    message.task,
+                    kwargs=message.args,
+                    task_id=message.id,
+                    queue=message.queue or self._settings.default_queue,
+                    countdown=countdown_s or None,
+                    producer=producer,
+                    **self._options,
+                )
+                return
+            self._send(
+                self._celery_tasks[task.name],
+                task,
+                message.id,
+                message.args,
+                message.queue or task.queue,
+                message.priority,
+                countdown_s,
+                producer,
+            )
+
+    def _message_priority(self, priority: int) -> int | None:
+        if priority == 0:
+            return None
+        return MAX_PRIORITY - priority if self._lower_first else priority
+
+    def _send(
+        self,
+        celery_task: Any,
+        task: Task[Any, Any],
+        run_id: str,
+        kwargs: dict[str, Any],
+        queue: str,
+        priority: int,
+        countdown_s: float | None,
+        producer: Any,
+    ) -> None:
+        name = broker_queue(queue, task.policy.cpu_bound)
+        if signals.before_task_publish.receivers or signals.after_task_publish.receivers:
+            # Someone hooks Celery's publishing (tracing, say): let Celery send it.
+            celery_task.apply_async(
+                kwargs=kwargs,
+                task_id=run_id,
+                queue=name,
+                priority=self._message_priority(priority),
+                countdown=countdown_s or None,
+                producer=producer,
+                **self._options,
+            )
+            return
+        # The message `apply_async` would send (Celery's protocol 2), built here: Celery's
+        # routing, `saferepr` of the arguments and configuration lookups are a third of
+        # `apply_async`'s cost (bench/publish_cost.py).
+        eta = None
+        if countdown_s:
+            eta = (datetime.now(UTC) + timedelta(seconds=countdown_s)).isoformat()
+        broker_q = self._celery.amqp.queues[name]
+        # kombu declares a queue once per connection, but asking it costs three copies of the
+        # entity and a retry wrapper on every publish: skip the question once it is declared.
+        declared = hash(broker_q) in producer.connection.declared_entities
+        producer.publish(
+            ((), kwargs, _NO_CANVAS),
+            exchange="",
+            routing_key=name,
+            serializer="json",
+            headers={
+                "lang": "py",
+                "task": task.name,
+                "id": run_id,
+                "shadow": None,
+                "eta": eta,
+                "expires": None,
+                "group": None,
+                "group_index": None,
+                "retries": 0,
+                "timelimit": [None, None],
+                "root_id": run_id,
+                "parent_id": None,
+                "argsrepr": "()",
+                "kwargsrepr": _short_repr(kwargs),
+                "origin": anon_nodename(),  # `gen<pid>@<host>`, as Celery sends it
+                "ignore_result": True,
+                "replaced_task_nesting": 0,
+                "stamped_headers": None,
+                "stamps": {},
+            },
+            delivery_mode=broker_q.exchange.delivery_mode or PERSISTENT_DELIVERY_MODE,
+            priority=self._message_priority(priority),
+            correlation_id=run_id,
+            reply_to="",
+            declare=None if declared else [broker_q],
+            **self._options,
+        )
