@@ -11,6 +11,7 @@ def test_all_is_pinned() -> None:
             "Backoff",
             "BrokerUnavailableError",
             "ConfigurationError",
+            "IdempotencyConflictError",
             "LaneFullError",
             "Lane",
             "LedgerError",

@@ -27,6 +27,7 @@ from offload.core.task import Task as Task
 from offload.core.task import Timeout as Timeout
 from offload.errors import BrokerUnavailableError as BrokerUnavailableError
 from offload.errors import ConfigurationError as ConfigurationError
+from offload.errors import IdempotencyConflictError as IdempotencyConflictError
 from offload.errors import LaneFullError as LaneFullError
 from offload.errors import LedgerError as LedgerError
 from offload.errors import OffloadError as OffloadError
@@ -47,6 +48,7 @@ __all__ = [
     "Backoff",
     "BrokerUnavailableError",
     "ConfigurationError",
+    "IdempotencyConflictError",
     "Lane",
     "LaneFullError",
     "LedgerError",

@@ -7,9 +7,11 @@ nothing below this module imports it. No module globals.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
@@ -277,9 +279,18 @@ class Offload:
 
     def get_run_sync(self, run_id: str) -> RunDetail:
         """A run's status with every attempt it made. Raises `RunNotFoundError` if unknown."""
-        status = self.status_sync(run_id)
-        attempts = [] if status.lane is Lane.INLINE else self.ledger.attempts(run_id)
-        return RunDetail(**dict(status), attempt_history=attempts)
+        if self._inline is not None and self._inline.knows(run_id):
+            status = self.status_sync(run_id)
+            args = self._inline.arguments_of(run_id)
+            return RunDetail(**dict(status), args=args, attempt_history=[])
+
+        def read(conn: Any) -> RunDetail:
+            status = queries.get_status(conn, run_id)
+            args = queries.get_message(conn, run_id).args
+            attempts = queries.get_attempts(conn, run_id)
+            return RunDetail(**dict(status), args=args, attempt_history=attempts)
+
+        return self.ledger.read(read)
 
     async def get_run(self, run_id: str) -> RunDetail:
         """Async twin of `get_run_sync()`."""
@@ -321,58 +332,83 @@ class Offload:
         *,
         states: Sequence[RunState] = (),
         task: str | None = None,
+        queue: str | None = None,
         dead: bool | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
         limit: int = 50,
         cursor: str | None = None,
     ) -> RunPage:
         """Runs newest first, inline and durable, filtered; pass `next_cursor` back for more.
 
-        `dead=True` keeps only runs that used their last try. Raises `ValueError` for a
-        cursor this method did not return.
+        `dead=True` keeps only runs that used their last try; `created_after` (inclusive) and
+        `created_before` bound when they were deferred. Raises `ValueError` for a cursor this
+        method did not return.
         """
         after = queries.decode_cursor(cursor) if cursor else None
-        page = self.ledger.read(
+        since = None if created_after is None else created_after.timestamp()
+        until = None if created_before is None else created_before.timestamp()
+        found = self.ledger.read(
             lambda conn: queries.list_runs(
-                conn, states=states, task=task, dead=dead, limit=limit, cursor=cursor
+                conn,
+                states=states,
+                task=task,
+                queue=queue,
+                dead=dead,
+                created_after=since,
+                created_before=until,
+                after=after,
+                limit=limit + 1,
             )
         )
-        if self._inline is None or dead:
-            return page
-        # Inline runs live in this process's memory; they merge into the same order.
-        inline = [
-            s
-            for s in self._inline.list_runs()
-            if (not states or s.state in states)
-            and (task is None or s.task == task)
-            and (after is None or (s.created_at.timestamp(), s.id) < after)
-        ]
-        if not inline:
-            return page
-        merged = sorted(
-            [*page.runs, *inline[: limit + 1]],
-            key=lambda s: (s.created_at.timestamp(), s.id),
-            reverse=True,
-        )
-        runs = merged[:limit]
+        if self._inline is not None and not dead and queue is None:
+            # Inline runs live in this process's memory; they merge into the same order.
+            inline = [
+                (created, status)
+                for created, status in self._inline.listing()
+                if (not states or status.state in states)
+                and (task is None or status.task == task)
+                and (since is None or created >= since)
+                and (until is None or created < until)
+                and (after is None or (created, status.id) < after)
+            ]
+            if inline:
+                # Runs deferred in one instant are in deferral order, not id order: sort first.
+                inline.sort(key=lambda e: (e[0], e[1].id), reverse=True)
+                found = sorted(
+                    [*found, *inline[: limit + 1]], key=lambda e: (e[0], e[1].id), reverse=True
+                )
+        page = found[:limit]
         next_cursor = None
-        if (page.next_cursor is not None or len(merged) > limit) and runs:
-            last = runs[-1]
-            next_cursor = queries.encode_cursor(last.created_at.timestamp(), last.id)
-        return RunPage(runs=runs, next_cursor=next_cursor)
+        if len(found) > limit:
+            created, last = page[-1]
+            next_cursor = queries.encode_cursor(created, last.id)
+        return RunPage(runs=[status for _, status in page], next_cursor=next_cursor)
 
     async def list_runs(
         self,
         *,
         states: Sequence[RunState] = (),
         task: str | None = None,
+        queue: str | None = None,
         dead: bool | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
         limit: int = 50,
         cursor: str | None = None,
     ) -> RunPage:
         """Async twin of `list_runs_sync()`."""
         return await self._blocking.run(
-            lambda: self.list_runs_sync(
-                states=states, task=task, dead=dead, limit=limit, cursor=cursor
+            functools.partial(
+                self.list_runs_sync,
+                states=states,
+                task=task,
+                queue=queue,
+                dead=dead,
+                created_after=created_after,
+                created_before=created_before,
+                limit=limit,
+                cursor=cursor,
             )
         )
 
@@ -384,6 +420,10 @@ class Offload:
     async def workers(self) -> list[WorkerStatus]:
         """Async twin of `workers_sync()`."""
         return await self._blocking.run(self.workers_sync)
+
+    def check_ledger(self) -> None:
+        """Raise `LedgerError` unless the ledger exists; creates nothing (for read-only tools)."""
+        self.ledger.require_existing()
 
     def close(self) -> None:
         """Release connections and threads (the app can be used again afterwards)."""

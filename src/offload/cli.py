@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -166,10 +167,12 @@ def serve(
 
 
 def _settings_offload(ledger_url: str | None) -> Offload:
-    """An `Offload` with no tasks, for commands that only read the ledger."""
+    """An `Offload` with no tasks over an existing ledger, for commands that only read it."""
     from offload.app import Offload
 
-    return Offload(ledger_url=ledger_url)
+    jobs = Offload(ledger_url=ledger_url)
+    jobs.check_ledger()
+    return jobs
 
 
 LedgerUrl = Annotated[
@@ -181,6 +184,13 @@ LedgerUrl = Annotated[
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """A time from the command line; one without a zone is UTC, as the tables print."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
 
 
 def _row(status: RunStatus) -> str:
@@ -197,7 +207,14 @@ def _row(status: RunStatus) -> str:
 def runs_list(
     state: Annotated[list[RunState] | None, typer.Option(help="Only runs in these states.")] = None,
     task: Annotated[str | None, typer.Option(help="Only runs of this task.")] = None,
+    queue: Annotated[str | None, typer.Option(help="Only runs of this queue.")] = None,
     dead: Annotated[bool, typer.Option("--dead", help="Only dead runs.")] = False,
+    since: Annotated[
+        datetime | None, typer.Option(help="Only runs deferred at or after this time (UTC).")
+    ] = None,
+    until: Annotated[
+        datetime | None, typer.Option(help="Only runs deferred before this time (UTC).")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 20,
     ledger_url: LedgerUrl = None,
     as_json: AsJson = False,
@@ -206,7 +223,15 @@ def runs_list(
     """List runs, newest first."""
     try:
         jobs = _settings_offload(ledger_url)
-        page = jobs.list_runs_sync(states=state or (), task=task, dead=dead or None, limit=limit)
+        page = jobs.list_runs_sync(
+            states=state or (),
+            task=task,
+            queue=queue,
+            dead=dead or None,
+            created_after=_utc(since),
+            created_before=_utc(until),
+            limit=limit,
+        )
     except OffloadError as exc:
         raise _fail(exc, verbose) from None
     if as_json:

@@ -5,6 +5,7 @@ OffloadError
 ├── ConfigurationError          a setting is missing or malformed (raised at start-up)
 ├── TaskDefinitionError         a @task declaration cannot work (raised at import)
 ├── TaskArgumentsError          defer() got arguments that do not fit (also a ValueError)
+├── IdempotencyConflictError    an idempotency key already names a run with other arguments
 ├── BrokerUnavailableError      the broker did not accept a message in time
 ├── LedgerError                 the ledger database failed or is unreachable
 ├── RunNotFoundError            no run has that id (also a LookupError)
@@ -50,6 +51,22 @@ class TaskArgumentsError(OffloadError, ValueError):
     def __init__(self, message: str, errors: Sequence[dict[str, Any]] = ()) -> None:
         super().__init__(message)
         self.errors: list[dict[str, Any]] = list(errors)
+
+
+class IdempotencyConflictError(OffloadError, ValueError):
+    """Raised when an idempotency key already names a run of the task with other arguments.
+
+    The same key with the same arguments returns the existing run; other arguments under
+    that key are a mistake to surface (HTTP 409), not a run to drop silently. Nothing is
+    written. `run_id` is the run the key names.
+    """
+
+    def __init__(self, task: str, key: str, run_id: str) -> None:
+        super().__init__(
+            f"{task}: idempotency_key {key!r} already names run {run_id} with other "
+            "arguments; use a new key for new arguments"
+        )
+        self.run_id = run_id
 
 
 class BrokerUnavailableError(OffloadError):

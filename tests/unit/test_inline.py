@@ -13,6 +13,7 @@ import pytest
 
 from offload import (
     ConfigurationError,
+    IdempotencyConflictError,
     LaneFullError,
     Offload,
     RunFailedError,
@@ -144,6 +145,10 @@ async def test_idempotency_key_returns_the_existing_run(jobs: Offload) -> None:
     first = await task.defer(1)
     second = await task.defer(1)
     assert first == second
+    # The same key with other arguments is a mistake, not the old run.
+    with pytest.raises(IdempotencyConflictError, match=f"already names run {first.id}"):
+        await task.defer(2)
+    assert [s.id for s in jobs.inline.list_runs()].count(first.id) == 1
 
 
 async def test_delay_holds_the_run_back(jobs: Offload) -> None:

@@ -140,6 +140,7 @@ class RunPage(BaseModel):
 
 
 class RunDetail(RunStatus):
-    """One run with every attempt it made, oldest first (`offload runs show`)."""
+    """One run with its arguments (as stored, JSON) and every attempt it made, oldest first."""
 
+    args: dict[str, JSONValue]
     attempt_history: list[Attempt]

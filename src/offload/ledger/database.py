@@ -196,6 +196,21 @@ class Ledger:
                     )
         self._schema_ready = True
 
+    def require_existing(self) -> None:
+        """Raise `LedgerError`, naming the URL, unless the ledger's tables exist. Creates nothing
+        (not even a SQLite file): read-only commands must not leave an empty ledger behind."""
+        url = _engine_url(self.url)
+        missing = (
+            f"No ledger at {mask_url(self.url)}: nothing has run with these settings; run the "
+            "command where the app runs (same OFFLOAD_DATA_DIR), or pass --ledger-url"
+        )
+        is_file = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+        if is_file and not Path(str(url.database)).is_file():
+            raise LedgerError(missing)
+        with self._transaction(write=False) as conn:
+            if not sa.inspect(conn).has_table(meta.name):
+                raise LedgerError(missing)
+
     @contextlib.contextmanager
     def _transaction(self, *, write: bool, holding_turn: bool = False) -> Iterator[Connection]:
         engine = self.engine

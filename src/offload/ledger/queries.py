@@ -27,12 +27,11 @@ from offload.core.run import (
     JSONValue,
     Lane,
     Progress,
-    RunPage,
     RunState,
     RunStatus,
     WorkerStatus,
 )
-from offload.errors import RunNotFoundError
+from offload.errors import IdempotencyConflictError, RunNotFoundError
 from offload.ledger.prepared import Prepared, one_of
 from offload.ledger.schema import attempts, runs, workers
 
@@ -121,26 +120,30 @@ class NewRun:
 def insert_runs(conn: Connection, new: Sequence[NewRun], now: float) -> list[tuple[str, bool]]:
     """Insert PENDING runs; for a known idempotency key return the existing run instead.
 
-    Returns `(run id, created)` per input, in order.
+    Returns `(run id, created)` per input, in order. Raises `IdempotencyConflictError` when a
+    known key comes with other arguments than its run's.
     """
     keyed = {(n.task, n.idempotency_key) for n in new if n.idempotency_key is not None}
-    existing: dict[tuple[str, str | None], str] = {}
+    existing: dict[tuple[str, str | None], tuple[str, Any]] = {}
     if keyed:
         rows = conn.execute(
-            sa.select(runs.c.task, runs.c.idempotency_key, runs.c.id).where(
+            sa.select(runs.c.task, runs.c.idempotency_key, runs.c.id, runs.c.args).where(
                 sa.tuple_(runs.c.task, runs.c.idempotency_key).in_(list(keyed))
             )
         )
-        existing = {(r.task, r.idempotency_key): r.id for r in rows}
+        existing = {(r.task, r.idempotency_key): (r.id, r.args) for r in rows}
     result: list[tuple[str, bool]] = []
     to_insert: list[dict[str, Any]] = []
     for n in new:
         key = (n.task, n.idempotency_key)
         if n.idempotency_key is not None and key in existing:
-            result.append((existing[key], False))
+            run_id, args = existing[key]
+            if args != n.args:
+                raise IdempotencyConflictError(n.task, n.idempotency_key, run_id)
+            result.append((run_id, False))
             continue
         if n.idempotency_key is not None:
-            existing[key] = n.id
+            existing[key] = (n.id, n.args)
         result.append((n.id, True))
         to_insert.append(
             {
@@ -270,35 +273,66 @@ def list_runs(
     *,
     states: Iterable[RunState] = (),
     task: str | None = None,
+    queue: str | None = None,
     dead: bool | None = None,
+    created_after: float | None = None,
+    created_before: float | None = None,
+    after: tuple[float, str] | None = None,
     limit: int = 50,
-    cursor: str | None = None,
-) -> RunPage:
-    """Runs newest first, filtered; pages with an opaque cursor."""
-    query = sa.select(runs)
-    state_values = [s.value for s in states]
-    if state_values:
-        query = query.where(runs.c.state.in_(state_values))
-    if task is not None:
-        query = query.where(runs.c.task == task)
-    if dead is not None:
-        query = query.where(runs.c.dead == dead)
-    if cursor is not None:
-        created, run_id = decode_cursor(cursor)
+) -> list[tuple[float, RunStatus]]:
+    """Up to `limit` runs newest first, filtered, each with its stored `created_at`.
+
+    `after` is a position (`created_at`, id) from an earlier listing: only runs older than it
+    come back. Positions hold the stored float, never a rounded datetime, so that a page
+    never repeats a row.
+    """
+    query = sa.select(runs).where(
+        *_matching(
+            states=states,
+            task=task,
+            queue=queue,
+            dead=dead,
+            created_after=created_after,
+            created_before=created_before,
+        )
+    )
+    if after is not None:
+        created, run_id = after
         query = query.where(
             sa.or_(
                 runs.c.created_at < created,
                 sa.and_(runs.c.created_at == created, runs.c.id < run_id),
             )
         )
-    rows = conn.execute(
-        query.order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit + 1)
-    ).all()
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
-    return RunPage(runs=[_status(r) for r in rows], next_cursor=next_cursor)
+    rows = conn.execute(query.order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit))
+    return [(row.created_at, _status(row)) for row in rows]
+
+
+def _matching(
+    *,
+    states: Iterable[RunState] = (),
+    task: str | None = None,
+    queue: str | None = None,
+    dead: bool | None = None,
+    created_after: float | None = None,
+    created_before: float | None = None,
+) -> list[Any]:
+    """The WHERE clauses of a run filter (see `list_runs`)."""
+    where: list[Any] = []
+    state_values = [s.value for s in states]
+    if state_values:
+        where.append(runs.c.state.in_(state_values))
+    if task is not None:
+        where.append(runs.c.task == task)
+    if queue is not None:
+        where.append(runs.c.queue == queue)
+    if dead is not None:
+        where.append(runs.c.dead == dead)
+    if created_after is not None:
+        where.append(runs.c.created_at >= created_after)
+    if created_before is not None:
+        where.append(runs.c.created_at < created_before)
+    return where
 
 
 def count_by_state(conn: Connection) -> dict[RunState, int]:

@@ -2,7 +2,7 @@
 
 | route | answers |
 |---|---|
-| `GET {prefix}` | runs newest first: `?state=&task=&limit=&cursor=` (opaque cursor) |
+| `GET {prefix}` | runs newest first, filtered and paged (see `list_runs`; opaque `cursor`) |
 | `GET {prefix}/{id}` | one run's `RunStatus`; 404 for an unknown id (never a made-up PENDING) |
 | `GET {prefix}/{id}/events` | Server-Sent Events: a `status` event per change, until done |
 | `POST {prefix}/{id}/cancel` | cancel a waiting run, ask a running one to stop |
@@ -20,6 +20,7 @@ import inspect
 import ipaddress
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Annotated, Literal, Protocol
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -54,6 +55,10 @@ class Runs(Protocol):
         *,
         states: Sequence[RunState] = (),
         task: str | None = None,
+        queue: str | None = None,
+        dead: bool | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
         limit: int = 50,
         cursor: str | None = None,
     ) -> RunPage: ...
@@ -97,11 +102,24 @@ def build_router(jobs: Runs, authorize: Authorize | None = None) -> APIRouter:
         request: Request,
         state: Annotated[list[RunState] | None, Query()] = None,
         task: str | None = None,
+        queue: str | None = None,
+        dead: bool | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: str | None = None,
     ) -> RunPage:
         try:
-            page = await jobs.list_runs(states=state or (), task=task, limit=limit, cursor=cursor)
+            page = await jobs.list_runs(
+                states=state or (),
+                task=task,
+                queue=queue,
+                dead=dead,
+                created_after=created_after,
+                created_before=created_before,
+                limit=limit,
+                cursor=cursor,
+            )
         except ValueError as exc:
             raise HTTPException(400, detail=str(exc)) from None
         shown = [s for s in page.runs if await allowed(request, s, "read")]

@@ -27,7 +27,13 @@ from fastapi import BackgroundTasks, Depends, Request, params
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from offload.errors import LaneFullError, OffloadError, RunNotFoundError, TaskArgumentsError
+from offload.errors import (
+    IdempotencyConflictError,
+    LaneFullError,
+    OffloadError,
+    RunNotFoundError,
+    TaskArgumentsError,
+)
 from offload.lanes.inline.deferrals import Deferrals, current_deferrals
 from offload.web.guard import LoopGuard
 
@@ -88,6 +94,10 @@ async def _not_found(_request: Request, exc: RunNotFoundError) -> Response:
     return JSONResponse({"detail": str(exc)}, 404)
 
 
+async def _conflict(_request: Request, exc: IdempotencyConflictError) -> Response:
+    return JSONResponse({"detail": str(exc), "run_id": exc.run_id}, 409)
+
+
 async def _lane_full(_request: Request, exc: LaneFullError) -> Response:
     retry_after = str(max(1, math.ceil(exc.retry_after_s)))
     return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": retry_after})
@@ -105,6 +115,7 @@ async def _offload_error(request: Request, exc: OffloadError) -> Response:
 EXCEPTION_HANDLERS: ExceptionHandlers = {
     TaskArgumentsError: _arguments_error,
     RunNotFoundError: _not_found,
+    IdempotencyConflictError: _conflict,
     LaneFullError: _lane_full,
     OffloadError: _offload_error,
 }

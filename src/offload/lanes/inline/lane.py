@@ -60,7 +60,12 @@ from offload.core.run import (
 )
 from offload.core.task import Call, Task
 from offload.core.threads import BlockingCalls
-from offload.errors import ConfigurationError, LaneFullError, RunNotFoundError
+from offload.errors import (
+    ConfigurationError,
+    IdempotencyConflictError,
+    LaneFullError,
+    RunNotFoundError,
+)
 from offload.lanes.inline import TASK_NAME_PREFIX
 from offload.lanes.inline.deferrals import current_deferrals
 from offload.lanes.inline.process import ChildFailure, HardTimeout, ProcessPool
@@ -264,8 +269,12 @@ class InlineLane:
         key = calls[0].idempotency_key if len(calls) == 1 else None
         if key is None:
             return None
-        run_id = self._keys.get((task.name, key))
-        return run_id if run_id is not None and run_id in self._runs else None
+        run = self._runs.get(self._keys.get((task.name, key), ""))
+        if run is None:
+            return None
+        if run.kwargs != calls[0].kwargs:
+            raise IdempotencyConflictError(task.name, key, run.id)
+        return run.id
 
     def _require_started(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -600,6 +609,11 @@ class InlineLane:
         run = self._runs.get(run_id)
         return None if run is None else run.status()
 
+    def arguments_of(self, run_id: str) -> dict[str, JSONValue]:
+        """An inline run's arguments, as JSON; {} for a run this lane does not hold."""
+        run = self._runs.get(run_id)
+        return {} if run is None else dict(run.kwargs)
+
     def traceback_of(self, run_id: str) -> str | None:
         """The traceback of an inline run's last failed attempt."""
         run = self._runs.get(run_id)
@@ -608,6 +622,10 @@ class InlineLane:
     def list_runs(self) -> list[RunStatus]:
         """Every inline run this process remembers, newest first."""
         return [r.status() for r in reversed(list(self._runs.values()))]
+
+    def listing(self) -> list[tuple[float, RunStatus]]:
+        """`list_runs()` with each run's `created_at` as stored (a page position)."""
+        return [(r.created_at, r.status()) for r in reversed(list(self._runs.values()))]
 
     def cancel(self, run_id: str) -> RunStatus:
         """Cancel a waiting run; stop a running one (from the event loop's thread).

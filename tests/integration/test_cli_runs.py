@@ -1,0 +1,80 @@
+"""`offload runs list|show` as a user types them: a real `offload` process over a real ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from offload import Offload
+
+
+def offload_cli(*args: str, cwd: Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
+    env["OFFLOAD_DATA_DIR"] = str(data_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "offload.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_reading_a_missing_ledger_is_an_error_and_creates_nothing(tmp_path: Path) -> None:
+    data_dir = tmp_path / "no-project-here"
+    for command in (["runs", "list"], ["runs", "show", "0" * 32], ["workers"]):
+        done = offload_cli(*command, cwd=tmp_path, data_dir=data_dir)
+        assert done.returncode == 1, done
+        assert f"No ledger at sqlite:///{data_dir}/ledger.sqlite" in done.stderr
+        assert "--ledger-url" in done.stderr
+    assert not data_dir.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_list_filters_and_show_tells_one_run(tmp_path: Path) -> None:
+    jobs = Offload(data_dir=tmp_path / "data")
+
+    @jobs.task(name="send_receipt", queue="mail")
+    def send_receipt(order_id: int) -> None: ...
+
+    @jobs.task(name="render_report")
+    def render_report(user_id: int) -> str:
+        return f"report-{user_id}.pdf"
+
+    receipt = send_receipt.defer_sync(order_id=41)
+    reports = render_report.defer_many_sync([{"user_id": 1}, {"user_id": 2}])
+    jobs.close()
+
+    listed = offload_cli("runs", "list", "--json", cwd=tmp_path, data_dir=tmp_path / "data")
+    assert listed.returncode == 0, listed.stderr
+    assert {r["id"] for r in json.loads(listed.stdout)} == {receipt.id, *(r.id for r in reports)}
+
+    mail = offload_cli(
+        "runs", "list", "--queue", "mail", "--json", cwd=tmp_path, data_dir=tmp_path / "data"
+    )
+    assert [r["id"] for r in json.loads(mail.stdout)] == [receipt.id]
+
+    future = offload_cli(
+        "runs", "list", "--since", "2999-01-01", "--json", cwd=tmp_path, data_dir=tmp_path / "data"
+    )
+    assert json.loads(future.stdout) == []
+
+    shown = offload_cli(
+        "runs", "show", receipt.id, "--json", cwd=tmp_path, data_dir=tmp_path / "data"
+    )
+    body = json.loads(shown.stdout)
+    assert (body["id"], body["task"], body["state"]) == (receipt.id, "send_receipt", "PENDING")
+    assert body["attempt_history"] == []
+
+    table = offload_cli("runs", "list", cwd=tmp_path, data_dir=tmp_path / "data")
+    assert receipt.id in table.stdout
+    assert "send_receipt" in table.stdout
+
+    unknown = offload_cli("runs", "show", "f" * 32, cwd=tmp_path, data_dir=tmp_path / "data")
+    assert unknown.returncode == 1
+    assert f"No run with id '{'f' * 32}'" in unknown.stderr
