@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 from offload.core.handle import RunHandle
-from offload.core.run import Attempt, Lane, RunDetail, RunPage, RunState, RunStatus, WorkerStatus
+from offload.core.run import Lane, RunDetail, RunPage, RunState, RunStatus, WorkerStatus
 from offload.core.task import Backoff, Call, Policy, Task, Timeout
 from offload.core.threads import BlockingCalls
 from offload.errors import TaskDefinitionError
@@ -264,8 +264,10 @@ class Offload:
         """A handle for an existing run id (nothing is checked until you ask it something)."""
         return RunHandle(self, run_id)
 
-    def _inline_knows(self, run_id: str) -> bool:
-        return self._inline is not None and self._inline.knows(run_id)
+    def _inline_holding(self, run_id: str) -> InlineLane | None:
+        """The inline lane, if it holds this run (then it answers from memory)."""
+        lane = self._inline
+        return lane if lane is not None and lane.knows(run_id) else None
 
     def status_sync(self, run_id: str) -> RunStatus:
         """A run's status. Raises `RunNotFoundError` for an unknown id."""
@@ -279,10 +281,10 @@ class Offload:
 
     def get_run_sync(self, run_id: str) -> RunDetail:
         """A run's status with every attempt it made. Raises `RunNotFoundError` if unknown."""
-        if self._inline is not None and self._inline.knows(run_id):
+        lane = self._inline_holding(run_id)
+        if lane is not None:
             status = self.status_sync(run_id)
-            args = self._inline.arguments_of(run_id)
-            return RunDetail(**dict(status), args=args, attempt_history=[])
+            return RunDetail(**dict(status), args=lane.arguments_of(run_id), attempt_history=[])
 
         def read(conn: Any) -> RunDetail:
             status = queries.get_status(conn, run_id)
@@ -294,37 +296,36 @@ class Offload:
 
     async def get_run(self, run_id: str) -> RunDetail:
         """Async twin of `get_run_sync()`."""
-        if self._inline_knows(run_id):
+        if self._inline_holding(run_id) is not None:
             return self.get_run_sync(run_id)
         return await self._blocking.run(self.get_run_sync, run_id)
 
-    def attempts_sync(self, run_id: str) -> list[Attempt]:
-        """A durable run's attempts, oldest first (an inline run records none)."""
-        return [] if self._inline_knows(run_id) else self.ledger.attempts(run_id)
-
     def traceback_sync(self, run_id: str) -> str | None:
         """The traceback of a run's last failed attempt, if any."""
-        if self._inline is not None and self._inline.knows(run_id):
-            return self._inline.traceback_of(run_id)
+        lane = self._inline_holding(run_id)
+        if lane is not None:
+            return lane.traceback_of(run_id)
         last = self.ledger.last_attempt(run_id)
         return last.traceback if last is not None else None
 
     async def traceback(self, run_id: str) -> str | None:
         """Async twin of `traceback_sync()`."""
-        if self._inline_knows(run_id):
+        if self._inline_holding(run_id) is not None:
             return self.traceback_sync(run_id)
         return await self._blocking.run(self.traceback_sync, run_id)
 
     def cancel_sync(self, run_id: str) -> RunStatus:
         """Cancel a run (see `RunHandle.cancel_sync`)."""
-        if self._inline is not None and self._inline.knows(run_id):
-            return self._inline.cancel_threadsafe(run_id)
+        lane = self._inline_holding(run_id)
+        if lane is not None:
+            return lane.cancel_threadsafe(run_id)
         return self.ledger.write(lambda conn: queries.request_cancel(conn, run_id, self.clock()))
 
     async def cancel(self, run_id: str) -> RunStatus:
         """Async twin of `cancel_sync()`."""
-        if self._inline is not None and self._inline.knows(run_id):
-            return self._inline.cancel_threadsafe(run_id)
+        lane = self._inline_holding(run_id)
+        if lane is not None:
+            return lane.cancel_threadsafe(run_id)
         return await self._blocking.run(self.cancel_sync, run_id)
 
     def list_runs_sync(
@@ -373,11 +374,9 @@ class Offload:
                 and (after is None or (created, status.id) < after)
             ]
             if inline:
-                # Runs deferred in one instant are in deferral order, not id order: sort first.
-                inline.sort(key=lambda e: (e[0], e[1].id), reverse=True)
-                found = sorted(
-                    [*found, *inline[: limit + 1]], key=lambda e: (e[0], e[1].id), reverse=True
-                )
+                # Sorted whole: runs deferred in one instant are held in deferral order, not in
+                # the (created_at, id) order that pages follow.
+                found = sorted([*found, *inline], key=lambda e: (e[0], e[1].id), reverse=True)
         page = found[:limit]
         next_cursor = None
         if len(found) > limit:

@@ -286,16 +286,20 @@ def list_runs(
     come back. Positions hold the stored float, never a rounded datetime, so that a page
     never repeats a row.
     """
-    query = sa.select(runs).where(
-        *_matching(
-            states=states,
-            task=task,
-            queue=queue,
-            dead=dead,
-            created_after=created_after,
-            created_before=created_before,
-        )
-    )
+    query = sa.select(runs)
+    state_values = [s.value for s in states]
+    if state_values:
+        query = query.where(runs.c.state.in_(state_values))
+    if task is not None:
+        query = query.where(runs.c.task == task)
+    if queue is not None:
+        query = query.where(runs.c.queue == queue)
+    if dead is not None:
+        query = query.where(runs.c.dead == dead)
+    if created_after is not None:
+        query = query.where(runs.c.created_at >= created_after)
+    if created_before is not None:
+        query = query.where(runs.c.created_at < created_before)
     if after is not None:
         created, run_id = after
         query = query.where(
@@ -306,33 +310,6 @@ def list_runs(
         )
     rows = conn.execute(query.order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit))
     return [(row.created_at, _status(row)) for row in rows]
-
-
-def _matching(
-    *,
-    states: Iterable[RunState] = (),
-    task: str | None = None,
-    queue: str | None = None,
-    dead: bool | None = None,
-    created_after: float | None = None,
-    created_before: float | None = None,
-) -> list[Any]:
-    """The WHERE clauses of a run filter (see `list_runs`)."""
-    where: list[Any] = []
-    state_values = [s.value for s in states]
-    if state_values:
-        where.append(runs.c.state.in_(state_values))
-    if task is not None:
-        where.append(runs.c.task == task)
-    if queue is not None:
-        where.append(runs.c.queue == queue)
-    if dead is not None:
-        where.append(runs.c.dead == dead)
-    if created_after is not None:
-        where.append(runs.c.created_at >= created_after)
-    if created_before is not None:
-        where.append(runs.c.created_at < created_before)
-    return where
 
 
 def count_by_state(conn: Connection) -> dict[RunState, int]:
