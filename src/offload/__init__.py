@@ -19,6 +19,9 @@ from offload.core.run import TERMINAL_STATES as TERMINAL_STATES
 from offload.core.run import Attempt as Attempt
 from offload.core.run import Lane as Lane
 from offload.core.run import Progress as Progress
+from offload.core.run import RunDetail as RunDetail
+from offload.core.run import RunFilter as RunFilter
+from offload.core.run import RunPage as RunPage
 from offload.core.run import RunState as RunState
 from offload.core.run import RunStatus as RunStatus
 from offload.core.run import WorkerStatus as WorkerStatus
@@ -35,6 +38,7 @@ from offload.errors import ResultTimeoutError as ResultTimeoutError
 from offload.errors import Retry as Retry
 from offload.errors import RunFailedError as RunFailedError
 from offload.errors import RunNotFoundError as RunNotFoundError
+from offload.errors import RunStateError as RunStateError
 from offload.errors import TaskArgumentsError as TaskArgumentsError
 from offload.errors import TaskCancelledError as TaskCancelledError
 from offload.errors import TaskDefinitionError as TaskDefinitionError
@@ -57,10 +61,14 @@ __all__ = [
     "Progress",
     "ResultTimeoutError",
     "Retry",
+    "RunDetail",
     "RunFailedError",
+    "RunFilter",
     "RunHandle",
     "RunNotFoundError",
+    "RunPage",
     "RunState",
+    "RunStateError",
     "RunStatus",
     "Settings",
     "Task",

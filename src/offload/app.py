@@ -10,17 +10,24 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 from offload.core.handle import RunHandle
-from offload.core.run import Lane, RunDetail, RunPage, RunState, RunStatus, WorkerStatus
+from offload.core.run import (
+    Lane,
+    RunDetail,
+    RunFilter,
+    RunPage,
+    RunStatus,
+    WorkerStatus,
+    new_run_id,
+)
 from offload.core.task import Backoff, Call, Policy, Task, Timeout
 from offload.core.threads import BlockingCalls
-from offload.errors import TaskDefinitionError
-from offload.ledger import Ledger, queries
+from offload.errors import ConfigurationError, RunStateError, TaskDefinitionError
+from offload.ledger import Ledger, queries, retention
 from offload.settings import Settings
 
 if TYPE_CHECKING:
@@ -33,11 +40,15 @@ if TYPE_CHECKING:
     from offload.core.context import TaskContext
     from offload.lanes.durable.lane import DurableLane
     from offload.lanes.inline.lane import InlineLane
+    from offload.web.admin import AdminAuthorize
     from offload.web.api import Authorize
     from offload.web.fastapi import ExceptionHandlers, Lifespan
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+REPLAY_BATCH = 500
+"""Runs one step of a bulk replay reads, records and publishes."""
 
 
 class Offload:
@@ -256,6 +267,13 @@ class Offload:
 
         return build_router(self, authorize=authorize)
 
+    def admin_router(self, *, authorize: AdminAuthorize | None = None) -> APIRouter:
+        """The admin API (replay, discard, purge, cancel, any run's arguments and attempts);
+        `authorize(request, action)` decides who may; the default allows loopback callers."""
+        from offload.web.admin import build_admin_router
+
+        return build_admin_router(self, authorize=authorize)
+
     # --- runs ------------------------------------------------------------------------------
     # Every question has a blocking twin (`..._sync`) and an async form that asks the ledger
     # off the event loop. Inline runs this process holds answer from memory first.
@@ -329,49 +347,21 @@ class Offload:
         return await self._blocking.run(self.cancel_sync, run_id)
 
     def list_runs_sync(
-        self,
-        *,
-        states: Sequence[RunState] = (),
-        task: str | None = None,
-        queue: str | None = None,
-        dead: bool | None = None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
+        self, where: RunFilter | None = None, *, limit: int = 50, cursor: str | None = None
     ) -> RunPage:
-        """Runs newest first, inline and durable, filtered; pass `next_cursor` back for more.
-
-        `dead=True` keeps only runs that used their last try; `created_after` (inclusive) and
-        `created_before` bound when they were deferred. Raises `ValueError` for a cursor this
-        method did not return.
-        """
+        """Runs newest first, inline and durable, that `where` takes; pass `next_cursor` back
+        for more. Raises `ValueError` for a cursor this method did not return."""
+        where = where or RunFilter()
         after = queries.decode_cursor(cursor) if cursor else None
-        since = None if created_after is None else created_after.timestamp()
-        until = None if created_before is None else created_before.timestamp()
         found = self.ledger.read(
-            lambda conn: queries.list_runs(
-                conn,
-                states=states,
-                task=task,
-                queue=queue,
-                dead=dead,
-                created_after=since,
-                created_before=until,
-                after=after,
-                limit=limit + 1,
-            )
+            lambda conn: queries.list_runs(conn, where, after=after, limit=limit + 1)
         )
-        if self._inline is not None and not dead and queue is None:
+        if self._inline is not None and not where.dead and where.queue is None:
             # Inline runs live in this process's memory; they merge into the same order.
             inline = [
                 (created, status)
                 for created, status in self._inline.listing()
-                if (not states or status.state in states)
-                and (task is None or status.task == task)
-                and (since is None or created >= since)
-                and (until is None or created < until)
-                and (after is None or (created, status.id) < after)
+                if where.matches(status) and (after is None or (created, status.id) < after)
             ]
             if inline:
                 # Sorted whole: runs deferred in one instant are held in deferral order, not in
@@ -385,30 +375,150 @@ class Offload:
         return RunPage(runs=[status for _, status in page], next_cursor=next_cursor)
 
     async def list_runs(
-        self,
-        *,
-        states: Sequence[RunState] = (),
-        task: str | None = None,
-        queue: str | None = None,
-        dead: bool | None = None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
+        self, where: RunFilter | None = None, *, limit: int = 50, cursor: str | None = None
     ) -> RunPage:
         """Async twin of `list_runs_sync()`."""
         return await self._blocking.run(
-            functools.partial(
-                self.list_runs_sync,
-                states=states,
-                task=task,
-                queue=queue,
-                dead=dead,
-                created_after=created_after,
-                created_before=created_before,
-                limit=limit,
-                cursor=cursor,
+            functools.partial(self.list_runs_sync, where, limit=limit, cursor=cursor)
+        )
+
+    def count_runs_sync(self, where: RunFilter | None = None) -> dict[str, int]:
+        """How many runs in the ledger `where` takes, per task (`dead_counts` for dead ones)."""
+        return self.ledger.read(lambda conn: queries.count_by_task(conn, where or RunFilter()))
+
+    async def count_runs(self, where: RunFilter | None = None) -> dict[str, int]:
+        """Async twin of `count_runs_sync()`."""
+        return await self._blocking.run(self.count_runs_sync, where)
+
+    # --- fixing runs: replay, discard, purge -----------------------------------------------
+    # A replay is a new durable run with the arguments of a FAILURE or CANCELLED one (edited,
+    # if asked); the two name each other (`replay_of`, `replayed_by`), and a run is replayed
+    # at most once. Bulk operations go `REPLAY_BATCH` runs at a time: memory holds one batch.
+
+    def replay_sync(self, run_id: str, args: Mapping[str, Any] | None = None) -> RunHandle[Any]:
+        """Start a failed or cancelled run again; `args` replaces some of its arguments.
+
+        The edited arguments are validated like `defer()`'s (`TaskArgumentsError` names a bad
+        one; nothing is written). Raises `RunNotFoundError`, `RunStateError` (not failed or
+        cancelled, or already replayed), `ConfigurationError` (a task this app does not
+        declare: replaying publishes, so the app must know the task's queue).
+        """
+        if self._inline_holding(run_id) is not None:
+            raise RunStateError(
+                f"run {run_id} ran in the inline lane, which keeps no run to replay; defer it again"
             )
+        status, message = self.ledger.read(
+            lambda conn: (queries.get_status(conn, run_id), queries.get_message(conn, run_id))
+        )
+        if status.replayed_by is not None:
+            raise RunStateError(f"run {run_id} was already replayed as {status.replayed_by}")
+        if status.state not in queries.REPLAYABLE_STATES:
+            raise RunStateError(
+                f"run {run_id} is {status.state}; only FAILURE or CANCELLED runs can be replayed"
+            )
+        replay = self._replay_of(message, args)
+        self.durable.replay([replay], strict=True)
+        return RunHandle(self, replay[0].id)
+
+    async def replay(self, run_id: str, args: Mapping[str, Any] | None = None) -> RunHandle[Any]:
+        """Async twin of `replay_sync()`."""
+        return await self._blocking.run(self.replay_sync, run_id, args)
+
+    def replay_all_sync(
+        self, where: RunFilter | None = None, *, on_progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Replay every FAILURE or CANCELLED run `where` takes that nobody replayed yet.
+
+        `RunFilter(dead=True)` is the whole dead-letter queue. Goes `REPLAY_BATCH` at a time;
+        `on_progress(replayed so far)` after each batch. Returns how many were replayed.
+        Raises `ConfigurationError` before replaying anything if a task is not declared here.
+        """
+        where = _replayable(where or RunFilter())
+        if where is None:
+            return 0
+        unknown = sorted(set(self.count_runs_sync(where)) - self._worker_tasks())
+        if unknown:
+            raise _undeclared(unknown)
+        total = 0
+        after: tuple[float, str] | None = None
+        while True:
+            batch = self.ledger.read(
+                functools.partial(
+                    queries.list_messages, where=where, after=after, limit=REPLAY_BATCH
+                )
+            )
+            if not batch:
+                return total
+            after = (batch[-1][0], batch[-1][1].id)
+            replays = [self._replay_of(message, None) for _, message in batch]
+            total += len(self.durable.replay(replays, strict=False))
+            if on_progress is not None:
+                on_progress(total)
+
+    async def replay_all(
+        self, where: RunFilter | None = None, *, on_progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Async twin of `replay_all_sync()`."""
+        return await self._blocking.run(
+            functools.partial(self.replay_all_sync, where, on_progress=on_progress)
+        )
+
+    def _worker_tasks(self) -> set[str]:
+        return {name for name, task in self.tasks.items() if task.policy.runs_on_workers}
+
+    def _replay_of(
+        self, message: queries.RunMessage, edits: Mapping[str, Any] | None
+    ) -> tuple[queries.NewRun, Call]:
+        task = self.tasks.get(message.task)
+        if task is None or not task.policy.runs_on_workers:
+            raise _undeclared([message.task])
+        queue = message.queue or task.queue
+        if edits:
+            # Validated like defer(): the stored arguments with the edits over them.
+            call = task.options(queue=queue, priority=message.priority).prepare(
+                (), {**message.args, **edits}
+            )
+        else:
+            call = Call(task.name, message.args, queue, message.priority, None, None)
+        new = queries.NewRun(
+            id=new_run_id(),
+            task=task.name,
+            lane=Lane.DURABLE,
+            queue=call.queue,
+            priority=call.priority,
+            args=call.kwargs,
+            idempotency_key=None,
+            replay_of=message.id,
+        )
+        return new, call
+
+    def discard_sync(self, run_id: str) -> None:
+        """Delete one finished run (a dead letter, say) and its attempts, for good.
+
+        Raises `RunNotFoundError`, or `RunStateError` for a run still waiting or running.
+        """
+        self.ledger.write(lambda conn: queries.discard(conn, run_id))
+
+    async def discard(self, run_id: str) -> None:
+        """Async twin of `discard_sync()`."""
+        await self._blocking.run(self.discard_sync, run_id)
+
+    def purge_sync(
+        self, where: RunFilter | None = None, *, on_progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Delete every finished run `where` takes, in small batches; how many were deleted.
+
+        Waiting and running runs are never deleted. `RunFilter(dead=True)` empties the
+        dead-letter queue; `RunFilter(finished_before=...)` is what retention does.
+        """
+        return retention.purge(self.ledger, where or RunFilter(), on_progress=on_progress)
+
+    async def purge(
+        self, where: RunFilter | None = None, *, on_progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Async twin of `purge_sync()`."""
+        return await self._blocking.run(
+            functools.partial(self.purge_sync, where, on_progress=on_progress)
         )
 
     def workers_sync(self) -> list[WorkerStatus]:
@@ -430,6 +540,24 @@ class Offload:
         if self._durable is not None:
             self._durable.close()
         self.ledger.dispose()
+
+
+def _replayable(where: RunFilter) -> RunFilter | None:
+    """`where` narrowed to runs a replay may take; None if it takes none."""
+    states = tuple(
+        s for s in where.states or queries.REPLAYABLE_STATES if s in queries.REPLAYABLE_STATES
+    )
+    if not states or where.replayed:
+        return None
+    return where.model_copy(update={"states": states, "replayed": False})
+
+
+def _undeclared(names: Sequence[str]) -> ConfigurationError:
+    return ConfigurationError(
+        f"task(s) {', '.join(map(repr, names))} not declared for workers in this app: replaying "
+        "publishes runs, so it needs the app that declares them (CLI: --app MODULE:jobs or "
+        "OFFLOAD_APP)"
+    )
 
 
 class _Dispatch:

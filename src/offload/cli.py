@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
+import textwrap
 import threading
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from offload.core.run import RunState, RunStatus
+from offload.core.run import TERMINAL_STATES, RunDetail, RunFilter, RunState, RunStatus
 from offload.errors import OffloadError
 
 if TYPE_CHECKING:
@@ -27,8 +31,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-runs_app = typer.Typer(help="Look at runs in the ledger.", no_args_is_help=True)
+runs_app = typer.Typer(
+    help="Look at runs in the ledger, cancel, retry, purge.", no_args_is_help=True
+)
 app.add_typer(runs_app, name="runs")
+dlq_app = typer.Typer(
+    help="The dead-letter queue: runs whose last try failed. List, show, replay, discard, purge.",
+    no_args_is_help=True,
+)
+app.add_typer(dlq_app, name="dlq")
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log more; show tracebacks.")]
 
@@ -166,15 +177,6 @@ def serve(
                 supervisor.stop()
 
 
-def _settings_offload(ledger_url: str | None) -> Offload:
-    """An `Offload` with no tasks over an existing ledger, for commands that only read it."""
-    from offload.app import Offload
-
-    jobs = Offload(ledger_url=ledger_url)
-    jobs.check_ledger()
-    return jobs
-
-
 LedgerUrl = Annotated[
     str | None,
     typer.Option(
@@ -183,7 +185,47 @@ LedgerUrl = Annotated[
         "in OFFLOAD_DATA_DIR).",
     ),
 ]
+AppSpec = Annotated[
+    str | None,
+    typer.Option(
+        "--app",
+        envvar="OFFLOAD_APP",
+        help="The Offload instance, MODULE:ATTRIBUTE (e.g. myapp.main:jobs): needed to replay, "
+        "which publishes runs of its tasks. Its settings name the ledger and broker.",
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+Since = Annotated[
+    datetime | None, typer.Option(help="Only runs deferred at or after this time (UTC).")
+]
+Until = Annotated[datetime | None, typer.Option(help="Only runs deferred before this time (UTC).")]
+TaskName = Annotated[str | None, typer.Option(help="Only runs of this task.")]
+ErrorText = Annotated[str | None, typer.Option(help="Only runs whose error contains this text.")]
+ErrorType = Annotated[
+    str | None, typer.Option(help="Only runs that failed with this exception type.")
+]
+Edits = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--arg",
+        help="NAME=VALUE: replay with this argument changed (VALUE is JSON, else a string); "
+        "repeat for more.",
+    ),
+]
+
+
+def _offload(ledger_url: str | None, app_spec: str | None = None) -> Offload:
+    """The app's `Offload` (`--app`), or one with no tasks over the ledger, which must exist."""
+    if app_spec:
+        from offload.worker import load_offload
+
+        jobs = load_offload(app_spec)
+    else:
+        from offload.app import Offload
+
+        jobs = Offload(ledger_url=ledger_url)
+    jobs.check_ledger()
+    return jobs
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -191,6 +233,30 @@ def _utc(moment: datetime | None) -> datetime | None:
     if moment is None or moment.tzinfo is not None:
         return moment
     return moment.replace(tzinfo=UTC)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> timedelta:
+    """`90s`, `30m`, `12h`, `7d`, `2w`, or plain seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if match is None:
+        raise typer.BadParameter(f"{text!r} is not a duration like 90s, 30m, 12h, 7d or 2w")
+    return timedelta(seconds=float(match[1]) * _UNITS[match[2] or "s"])
+
+
+def _edits(pairs: list[str] | None) -> dict[str, Any]:
+    edits: dict[str, Any] = {}
+    for pair in pairs or ():
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise typer.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--arg")
+        try:
+            edits[name] = json.loads(text)
+        except ValueError:
+            edits[name] = text
+    return edits
 
 
 def _row(status: RunStatus) -> str:
@@ -203,43 +269,92 @@ def _row(status: RunStatus) -> str:
     )
 
 
+def _print_runs(runs: list[RunStatus], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
+        return
+    typer.echo(f"{'id':<32}  {'task':<24} {'state':<14} try  prog  created              error")
+    for status in runs:
+        typer.echo(_row(status))
+
+
+def _print_detail(run: RunDetail, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(run.model_dump(mode="json"), indent=2))
+        return
+    typer.echo(_row(run))
+    typer.echo(f"  arguments: {json.dumps(run.args)}")
+    if run.replay_of:
+        typer.echo(f"  replays {run.replay_of}")
+    if run.replayed_by:
+        typer.echo(f"  replayed by {run.replayed_by}")
+    for attempt in run.attempt_history:
+        took = ""
+        if attempt.finished_at is not None:
+            took = f" in {(attempt.finished_at - attempt.started_at).total_seconds():.2f}s"
+        typer.echo(
+            f"  attempt {attempt.number}: {attempt.outcome or 'running'} on "
+            f"{attempt.worker} at {attempt.started_at:%Y-%m-%d %H:%M:%S}{took}  "
+            f"{attempt.error or ''}"
+        )
+        if attempt.traceback:
+            typer.echo(textwrap.indent(attempt.traceback.rstrip(), "    "))
+
+
+def _with_progress(
+    what: str, total: int, work: Callable[[Callable[[int], None]], int], as_json: bool
+) -> int:
+    """Run a bulk operation, showing `done/total` on stderr as its batches complete."""
+    if as_json or total == 0:
+        return work(lambda _done: None)
+    with typer.progressbar(length=total, label=what, file=sys.stderr, show_pos=True) as bar:
+        shown = 0
+
+        def advance(done: int) -> None:
+            nonlocal shown
+            bar.update(min(done, total) - shown)
+            shown = min(done, total)
+
+        return work(advance)
+
+
+def _replay_one(jobs: Offload, run_id: str, edits: list[str] | None, as_json: bool) -> None:
+    handle = jobs.replay_sync(run_id, _edits(edits) or None)
+    if as_json:
+        typer.echo(jobs.status_sync(handle.id).model_dump_json(indent=2))
+    else:
+        typer.echo(f"replayed {run_id} as {handle.id}")
+
+
 @runs_app.command("list")
 def runs_list(
     state: Annotated[list[RunState] | None, typer.Option(help="Only runs in these states.")] = None,
-    task: Annotated[str | None, typer.Option(help="Only runs of this task.")] = None,
+    task: TaskName = None,
     queue: Annotated[str | None, typer.Option(help="Only runs of this queue.")] = None,
     dead: Annotated[bool, typer.Option("--dead", help="Only dead runs.")] = False,
-    since: Annotated[
-        datetime | None, typer.Option(help="Only runs deferred at or after this time (UTC).")
-    ] = None,
-    until: Annotated[
-        datetime | None, typer.Option(help="Only runs deferred before this time (UTC).")
-    ] = None,
+    error: ErrorText = None,
+    since: Since = None,
+    until: Until = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 20,
     ledger_url: LedgerUrl = None,
     as_json: AsJson = False,
     verbose: Verbose = False,
 ) -> None:
     """List runs, newest first."""
+    where = RunFilter(
+        states=tuple(state or ()),
+        task=task,
+        queue=queue,
+        dead=dead or None,
+        error=error,
+        created_after=_utc(since),
+        created_before=_utc(until),
+    )
     try:
-        jobs = _settings_offload(ledger_url)
-        page = jobs.list_runs_sync(
-            states=state or (),
-            task=task,
-            queue=queue,
-            dead=dead or None,
-            created_after=_utc(since),
-            created_before=_utc(until),
-            limit=limit,
-        )
+        page = _offload(ledger_url).list_runs_sync(where, limit=limit)
     except OffloadError as exc:
         raise _fail(exc, verbose) from None
-    if as_json:
-        typer.echo(json.dumps([r.model_dump(mode="json") for r in page.runs], indent=2))
-        return
-    typer.echo(f"{'id':<32}  {'task':<24} {'state':<14} try  prog  created              error")
-    for status in page.runs:
-        typer.echo(_row(status))
+    _print_runs(page.runs, as_json)
 
 
 @runs_app.command("show")
@@ -249,20 +364,252 @@ def runs_show(
     as_json: AsJson = False,
     verbose: Verbose = False,
 ) -> None:
-    """Show one run with every attempt."""
+    """Show one run: its arguments and every attempt, with errors and tracebacks."""
     try:
-        run = _settings_offload(ledger_url).get_run_sync(run_id)
+        run = _offload(ledger_url).get_run_sync(run_id)
+    except OffloadError as exc:
+        raise _fail(exc, verbose) from None
+    _print_detail(run, as_json)
+
+
+@runs_app.command("cancel")
+def runs_cancel(
+    run_id: Annotated[str, typer.Argument(help="The run id.")],
+    ledger_url: LedgerUrl = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """Cancel a waiting run; ask a running one to stop (it sees ctx.cancelled)."""
+    try:
+        status = _offload(ledger_url).cancel_sync(run_id)
     except OffloadError as exc:
         raise _fail(exc, verbose) from None
     if as_json:
-        typer.echo(json.dumps(run.model_dump(mode="json"), indent=2))
-        return
-    typer.echo(_row(run))
-    for attempt in run.attempt_history:
-        typer.echo(
-            f"  attempt {attempt.number}: {attempt.outcome or 'running'} on "
-            f"{attempt.worker} at {attempt.started_at:%H:%M:%S}  {attempt.error or ''}"
+        typer.echo(status.model_dump_json(indent=2))
+    elif status.state is RunState.CANCELLED:
+        typer.echo(f"cancelled {run_id}")
+    elif status.is_terminal:
+        typer.echo(f"{run_id} had already finished: {status.state.value}")
+    else:
+        typer.echo(f"asked {run_id} to stop; it is {status.state.value} until its task notices")
+
+
+@runs_app.command("retry")
+def runs_retry(
+    run_id: Annotated[str, typer.Argument(help="A FAILURE or CANCELLED run.")],
+    edits: Edits = None,
+    app_spec: AppSpec = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """Start a failed or cancelled run again, as a new run that links to it."""
+    try:
+        _replay_one(_offload(None, app_spec or _need_app()), run_id, edits, as_json)
+    except OffloadError as exc:
+        raise _fail(exc, verbose) from None
+
+
+@runs_app.command("purge")
+def runs_purge(
+    older_than: Annotated[
+        str, typer.Option(help="Delete runs that finished longer ago than this: 12h, 7d, 2w.")
+    ],
+    state: Annotated[
+        list[RunState] | None, typer.Option(help="Only finished runs in these states.")
+    ] = None,
+    task: TaskName = None,
+    dead: Annotated[
+        bool | None, typer.Option("--dead/--not-dead", help="Only dead runs, or only others.")
+    ] = None,
+    ledger_url: LedgerUrl = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """Delete finished runs (never waiting or running ones), a small batch at a time."""
+    cutoff = datetime.now(UTC) - _duration(older_than)
+    where = RunFilter(states=tuple(state or ()), task=task, dead=dead, finished_before=cutoff)
+    _purge(where, ledger_url, as_json, verbose)
+
+
+def _purge(where: RunFilter, ledger_url: str | None, as_json: bool, verbose: bool) -> None:
+    try:
+        jobs = _offload(ledger_url)
+        total = sum(jobs.count_runs_sync(_finished(where)).values())
+        purged = _with_progress(
+            "purging", total, lambda progress: jobs.purge_sync(where, on_progress=progress), as_json
         )
+    except OffloadError as exc:
+        raise _fail(exc, verbose) from None
+    typer.echo(json.dumps({"purged": purged}) if as_json else f"purged {purged} finished run(s)")
+
+
+def _finished(where: RunFilter) -> RunFilter:
+    states = tuple(s for s in where.states or TERMINAL_STATES if s in TERMINAL_STATES)
+    return where.model_copy(update={"states": states or tuple(TERMINAL_STATES)})
+
+
+def _need_app() -> str:
+    raise typer.BadParameter(
+        "replaying publishes runs of your tasks: pass --app MODULE:ATTRIBUTE "
+        "(e.g. --app myapp.main:jobs) or set OFFLOAD_APP",
+        param_hint="--app",
+    )
+
+
+# --- dead letters ------------------------------------------------------------------------------
+
+
+@dlq_app.command("list")
+def dlq_list(
+    task: TaskName = None,
+    error: ErrorText = None,
+    error_type: ErrorType = None,
+    since: Since = None,
+    until: Until = None,
+    replayed: Annotated[
+        bool, typer.Option("--replayed", help="Also the dead runs that were replayed.")
+    ] = False,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 20,
+    ledger_url: LedgerUrl = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """List dead runs (their last try failed), newest first, with counts per task."""
+    where = _dead(task, error, error_type, since, until, replayed)
+    try:
+        jobs = _offload(ledger_url)
+        page = jobs.list_runs_sync(where, limit=limit)
+        counts = jobs.count_runs_sync(where)
+    except OffloadError as exc:
+        raise _fail(exc, verbose) from None
+    if as_json:
+        _print_runs(page.runs, as_json)
+        return
+    if not counts:
+        typer.echo(
+            "no dead runs" + ("" if where == RunFilter(dead=True, replayed=False) else " match")
+        )
+        return
+    per_task = ", ".join(f"{name}: {n}" for name, n in sorted(counts.items()))
+    typer.echo(f"{sum(counts.values())} dead run(s) ({per_task})")
+    _print_runs(page.runs, as_json)
+
+
+def _dead(
+    task: str | None,
+    error: str | None,
+    error_type: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    replayed: bool = False,
+) -> RunFilter:
+    return RunFilter(
+        dead=True,
+        task=task,
+        error=error,
+        error_type=error_type,
+        created_after=_utc(since),
+        created_before=_utc(until),
+        replayed=None if replayed else False,
+    )
+
+
+@dlq_app.command("show")
+def dlq_show(
+    run_id: Annotated[str, typer.Argument(help="The dead run's id.")],
+    ledger_url: LedgerUrl = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """Show a dead run: its arguments, and every attempt's error, traceback and timing."""
+    runs_show(run_id, ledger_url, as_json, verbose)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    run_id: Annotated[
+        str | None, typer.Argument(help="The dead run to replay; omit it to replay by filter.")
+    ] = None,
+    edits: Edits = None,
+    every: Annotated[
+        bool, typer.Option("--all", help="Replay every dead run the filters take.")
+    ] = False,
+    task: TaskName = None,
+    error: ErrorText = None,
+    error_type: ErrorType = None,
+    since: Since = None,
+    until: Until = None,
+    app_spec: AppSpec = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """Replay a dead run (optionally with edited arguments), or all that the filters take.
+
+    A replay is a new run that links to its dead original; a run is replayed once.
+    """
+    filtered = any(v is not None for v in (task, error, error_type, since, until))
+    if run_id is None and not (every or filtered):
+        raise typer.BadParameter("name a run id, or pass --all or a filter (--task ...)")
+    if run_id is not None and (every or filtered):
+        raise typer.BadParameter("a run id replays that run; filters and --all replay many")
+    if run_id is None and edits:
+        raise typer.BadParameter("--arg edits one run: name its id", param_hint="--arg")
+    try:
+        jobs = _offload(None, app_spec or _need_app())
+        if run_id is not None:
+            _replay_one(jobs, run_id, edits, as_json)
+            return
+        where = _dead(task, error, error_type, since, until)
+        total = sum(jobs.count_runs_sync(where).values())
+        replayed = _with_progress(
+            "replaying",
+            total,
+            lambda progress: jobs.replay_all_sync(where, on_progress=progress),
+            as_json,
+        )
+    except OffloadError as exc:
+        raise _fail(exc, verbose) from None
+    typer.echo(json.dumps({"replayed": replayed}) if as_json else f"replayed {replayed} run(s)")
+
+
+@dlq_app.command("discard")
+def dlq_discard(
+    run_id: Annotated[str, typer.Argument(help="The dead run to delete.")],
+    ledger_url: LedgerUrl = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """Delete a dead run and its attempts for good."""
+    try:
+        _offload(ledger_url).discard_sync(run_id)
+    except OffloadError as exc:
+        raise _fail(exc, verbose) from None
+    typer.echo(json.dumps({"discarded": run_id}) if as_json else f"discarded {run_id}")
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    every: Annotated[bool, typer.Option("--all", help="Delete every dead run.")] = False,
+    task: TaskName = None,
+    error: ErrorText = None,
+    error_type: ErrorType = None,
+    since: Since = None,
+    until: Until = None,
+    replayed: Annotated[
+        bool, typer.Option("--replayed", help="Only the dead runs that were replayed.")
+    ] = False,
+    ledger_url: LedgerUrl = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """Delete the dead runs the filters take (or --all of them)."""
+    filtered = replayed or any(v is not None for v in (task, error, error_type, since, until))
+    if not (every or filtered):
+        raise typer.BadParameter("pass a filter (--task, --error, --replayed, ...) or --all")
+    where = _dead(task, error, error_type, since, until).model_copy(
+        update={"replayed": True if replayed else None}
+    )
+    _purge(where, ledger_url, as_json, verbose)
 
 
 @app.command()
@@ -273,7 +620,7 @@ def workers(
 ) -> None:
     """List the worker processes that reported to the ledger lately (any broker)."""
     try:
-        found = _settings_offload(ledger_url).workers_sync()
+        found = _offload(ledger_url).workers_sync()
     except OffloadError as exc:
         raise _fail(exc, verbose) from None
     if as_json:

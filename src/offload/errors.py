@@ -88,6 +88,14 @@ class RunNotFoundError(OffloadError, LookupError):
         self.run_id = run_id
 
 
+class RunStateError(OffloadError):
+    """Raised when a run is not in a state that allows the operation (HTTP 409).
+
+    Replaying a run that did not fail or was already replayed, discarding one still waiting
+    or running. The message says which state it is in and what can be done instead.
+    """
+
+
 class ResultTimeoutError(OffloadError, TimeoutError):
     """Raised when `result(timeout=...)` runs out before the run reaches a terminal state."""
 

@@ -44,6 +44,9 @@ class Settings(BaseModel):
     | `ledger_busy_timeout_s` | 30 | a SQLite ledger writer waits this long for the write lock |
     | `orphan_after_s` | 300 | a due run with no delivery for this long is published again |
     | `visibility_timeout_s` | 30 | broker lease / visibility window (extended while held) |
+    | `retention_s` | 604800 (7 days) | workers delete finished runs this old (0: keep forever) |
+    | `dead_retention_s` | 2592000 (30 days) | ... and dead runs this old (0: keep forever) |
+    | `retention_interval_s` | 60 | how often a worker looks for runs to delete |
     | `worker_processes` | 2 | consumer processes for I/O tasks (threads inside each) |
     | `worker_threads` | 4 | threads per I/O consumer process |
     | `worker_cpu_processes` | number of cores | prefork processes for `cpu_bound` tasks |
@@ -73,6 +76,9 @@ class Settings(BaseModel):
     ledger_busy_timeout_s: float = Field(default=30.0, gt=0)
     orphan_after_s: float = Field(default=300.0, gt=0)
     visibility_timeout_s: float = Field(default=30.0, gt=0)
+    retention_s: float = Field(default=7 * 86400.0, ge=0)
+    dead_retention_s: float = Field(default=30 * 86400.0, ge=0)
+    retention_interval_s: float = Field(default=60.0, gt=0)
     worker_processes: int = Field(default=2, ge=1)
     worker_threads: int = Field(default=4, ge=1)
     worker_cpu_processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)

@@ -185,6 +185,13 @@ def build(**settings: Any) -> Offload:
     def unjsonable() -> Any:
         return object()
 
+    @jobs.task(retries=1, backoff=Backoff(base=0.1, jitter=False))
+    def charge(order_id: int, cents: int) -> dict[str, int]:
+        """Dead on a negative amount (both tries fail); a replay with a fixed amount succeeds."""
+        if cents < 0:
+            raise ValueError(f"cannot charge {cents} cents for order {order_id}")
+        return {"order_id": order_id, "charged": cents}
+
     return jobs
 
 

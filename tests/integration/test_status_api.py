@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import Server, ServerFactory
+from tests.integration.conftest import ServerFactory
 from tests.integration.web_client import defer, wait_status
-from tests.support import WorkerProcess, wait_until
+from tests.support import Server, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 

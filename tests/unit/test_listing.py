@@ -12,7 +12,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from offload import IdempotencyConflictError, Offload, RunState
+from offload import IdempotencyConflictError, Offload, RunFilter, RunState
 
 SAME_MICROSECOND = 1_790_000_000.1234567
 """Every run below is created at this instant: the datetime shown rounds it to .123457."""
@@ -38,11 +38,11 @@ async def jobs(tmp_path: Path) -> AsyncIterator[Offload]:
     jobs.close()
 
 
-def _page_through(jobs: Offload, limit: int, **filters: object) -> list[str]:
+def _page_through(jobs: Offload, limit: int) -> list[str]:
     seen: list[str] = []
     cursor = None
     for _ in range(100):
-        page = jobs.list_runs_sync(limit=limit, cursor=cursor, **filters)  # type: ignore[arg-type]
+        page = jobs.list_runs_sync(limit=limit, cursor=cursor)
         assert len(page.runs) <= limit
         seen.extend(r.id for r in page.runs)
         cursor = page.next_cursor
@@ -94,17 +94,21 @@ async def test_filters_by_queue_task_state_and_time(jobs: Offload) -> None:
     pinged = await jobs.tasks["ping"].defer(1)
     await pinged.result(timeout=5)
 
-    assert [r.id for r in jobs.list_runs_sync(queue="mail").runs] == [mail.id]
-    assert {r.id for r in jobs.list_runs_sync(task="report").runs} == {r.id for r in reports}
-    assert [r.id for r in jobs.list_runs_sync(states=[RunState.SUCCESS]).runs] == [pinged.id]
-    assert jobs.list_runs_sync(dead=True).runs == []
+    assert [r.id for r in jobs.list_runs_sync(RunFilter(queue="mail")).runs] == [mail.id]
+    assert {r.id for r in jobs.list_runs_sync(RunFilter(task="report")).runs} == {
+        r.id for r in reports
+    }
+    assert [r.id for r in jobs.list_runs_sync(RunFilter(states=(RunState.SUCCESS,))).runs] == [
+        pinged.id
+    ]
+    assert jobs.list_runs_sync(RunFilter(dead=True)).runs == []
     at = datetime.fromtimestamp(SAME_MICROSECOND, UTC)
     later = datetime.fromtimestamp(SAME_MICROSECOND + 1, UTC)
-    assert len(jobs.list_runs_sync(created_after=later).runs) == 0
-    assert len(jobs.list_runs_sync(created_before=later).runs) == 4
+    assert len(jobs.list_runs_sync(RunFilter(created_after=later)).runs) == 0
+    assert len(jobs.list_runs_sync(RunFilter(created_before=later)).runs) == 4
     # created_after is inclusive; the datetime is rounded, so ask from a moment before
     before = datetime.fromtimestamp(SAME_MICROSECOND - 0.001, UTC)
-    assert len(jobs.list_runs_sync(created_after=before).runs) == 4
+    assert len(jobs.list_runs_sync(RunFilter(created_after=before)).runs) == 4
     assert at.microsecond == 123457
 
 

@@ -125,11 +125,58 @@ class RunStatus(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    replay_of: str | None = None  #: the failed or cancelled run this one replays
+    replayed_by: str | None = None  #: the run that replays this one
 
     @property
     def is_terminal(self) -> bool:
         """True once the run can no longer change (SUCCESS, FAILURE or CANCELLED)."""
         return self.state in TERMINAL_STATES
+
+
+class RunFilter(BaseModel):
+    """Which runs a listing or a bulk operation (replay, purge) takes; every field narrows.
+
+    `error` is text anywhere in the error line (any case); `error_type` its exception type
+    (the error line is `"ValueError: reason"`, or just `"ValueError"`). `created_after` is
+    inclusive, the other bounds exclusive. `replayed=False` keeps runs nobody replayed yet.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    states: tuple[RunState, ...] = ()
+    task: str | None = None
+    queue: str | None = None
+    dead: bool | None = None
+    error: str | None = None
+    error_type: str | None = None
+    replayed: bool | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    finished_before: datetime | None = None
+
+    def matches(self, status: RunStatus) -> bool:
+        """The same question asked of a run in memory (the inline lane's)."""
+        error = status.error or ""
+        return (
+            (not self.states or status.state in self.states)
+            and (self.task is None or status.task == self.task)
+            and (self.queue is None or status.queue == self.queue)
+            and (self.dead is None or status.dead == self.dead)
+            and (self.error is None or self.error.lower() in error.lower())
+            and (
+                self.error_type is None
+                or error == self.error_type
+                or error.startswith(f"{self.error_type}:")
+            )
+            and (self.replayed is None or (status.replayed_by is not None) == self.replayed)
+            and (self.created_after is None or status.created_at >= self.created_after)
+            and (self.created_before is None or status.created_at < self.created_before)
+            and (
+                self.finished_before is None
+                or (status.finished_at is not None and status.finished_at < self.finished_before)
+            )
+        )
 
 
 class RunPage(BaseModel):

@@ -8,11 +8,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from offload.errors import LedgerError
+from offload.ledger.schema import FINISHED_INDEX
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+def _replays_and_retention(conn: Connection) -> None:
+    """Version 2: replays link to their originals; an index for retention's deletes."""
+    conn.execute(sa.text("ALTER TABLE offload_runs ADD COLUMN replay_of VARCHAR(64)"))
+    conn.execute(sa.text("ALTER TABLE offload_runs ADD COLUMN replayed_by VARCHAR(64)"))
+    FINISHED_INDEX.create(conn)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _replays_and_retention}
 """target version -> function that upgrades from the version before it."""
 
 

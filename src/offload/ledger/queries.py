@@ -27,11 +27,12 @@ from offload.core.run import (
     JSONValue,
     Lane,
     Progress,
+    RunFilter,
     RunState,
     RunStatus,
     WorkerStatus,
 )
-from offload.errors import IdempotencyConflictError, RunNotFoundError
+from offload.errors import IdempotencyConflictError, RunNotFoundError, RunStateError
 from offload.ledger.prepared import Prepared, one_of
 from offload.ledger.schema import attempts, runs, workers
 
@@ -112,6 +113,7 @@ class NewRun:
     args: dict[str, JSONValue]
     idempotency_key: str | None
     next_attempt_at: float | None = None
+    replay_of: str | None = None
 
 
 # --- deferring -------------------------------------------------------------------------------
@@ -161,6 +163,7 @@ def insert_runs(conn: Connection, new: Sequence[NewRun], now: float) -> list[tup
                 "cancel_requested": False,
                 "idempotency_key": n.idempotency_key,
                 "next_attempt_at": n.next_attempt_at,
+                "replay_of": n.replay_of,
                 "created_at": now,
                 "updated_at": now,
             }
@@ -198,6 +201,8 @@ def _status(row: Any) -> RunStatus:
         created_at=created,
         started_at=_dt(row.started_at),
         finished_at=_dt(row.finished_at),
+        replay_of=row.replay_of,
+        replayed_by=row.replayed_by,
     )
 
 
@@ -268,15 +273,52 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise ValueError(f"cursor {cursor!r} is not one this API returned") from None
 
 
+def _ts(moment: datetime | None) -> float | None:
+    return None if moment is None else moment.timestamp()
+
+
+def _matching(query: Any, where: RunFilter) -> Any:
+    """`query` narrowed to the runs `where` takes."""
+    if where.states:
+        query = query.where(runs.c.state.in_([s.value for s in where.states]))
+    if where.task is not None:
+        query = query.where(runs.c.task == where.task)
+    if where.queue is not None:
+        query = query.where(runs.c.queue == where.queue)
+    if where.dead is not None:
+        query = query.where(runs.c.dead == where.dead)
+    if where.error is not None:
+        query = query.where(runs.c.error.icontains(where.error, autoescape=True))
+    if where.error_type is not None:
+        query = query.where(
+            sa.or_(
+                runs.c.error == where.error_type,
+                runs.c.error.startswith(f"{where.error_type}:", autoescape=True),
+            )
+        )
+    if where.replayed is not None:
+        replayed = runs.c.replayed_by.is_not(None)
+        query = query.where(replayed if where.replayed else sa.not_(replayed))
+    if where.created_after is not None:
+        query = query.where(runs.c.created_at >= _ts(where.created_after))
+    if where.created_before is not None:
+        query = query.where(runs.c.created_at < _ts(where.created_before))
+    if where.finished_before is not None:
+        query = query.where(runs.c.finished_at < _ts(where.finished_before))
+    return query
+
+
+def _older_than(position: tuple[float, str]) -> Any:
+    created, run_id = position
+    return sa.or_(
+        runs.c.created_at < created, sa.and_(runs.c.created_at == created, runs.c.id < run_id)
+    )
+
+
 def list_runs(
     conn: Connection,
+    where: RunFilter,
     *,
-    states: Iterable[RunState] = (),
-    task: str | None = None,
-    queue: str | None = None,
-    dead: bool | None = None,
-    created_after: float | None = None,
-    created_before: float | None = None,
     after: tuple[float, str] | None = None,
     limit: int = 50,
 ) -> list[tuple[float, RunStatus]]:
@@ -286,30 +328,123 @@ def list_runs(
     come back. Positions hold the stored float, never a rounded datetime, so that a page
     never repeats a row.
     """
-    query = sa.select(runs)
-    state_values = [s.value for s in states]
-    if state_values:
-        query = query.where(runs.c.state.in_(state_values))
-    if task is not None:
-        query = query.where(runs.c.task == task)
-    if queue is not None:
-        query = query.where(runs.c.queue == queue)
-    if dead is not None:
-        query = query.where(runs.c.dead == dead)
-    if created_after is not None:
-        query = query.where(runs.c.created_at >= created_after)
-    if created_before is not None:
-        query = query.where(runs.c.created_at < created_before)
+    query = _matching(sa.select(runs), where)
     if after is not None:
-        created, run_id = after
-        query = query.where(
-            sa.or_(
-                runs.c.created_at < created,
-                sa.and_(runs.c.created_at == created, runs.c.id < run_id),
-            )
-        )
+        query = query.where(_older_than(after))
     rows = conn.execute(query.order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit))
     return [(row.created_at, _status(row)) for row in rows]
+
+
+def count_by_task(conn: Connection, where: RunFilter) -> dict[str, int]:
+    """How many runs `where` takes, per task."""
+    counted = sa.select(runs.c.task, sa.func.count().label("n"))
+    query = _matching(counted, where).group_by(runs.c.task)
+    return {row.task: row.n for row in conn.execute(query)}
+
+
+# --- replaying and removing ------------------------------------------------------------------
+
+REPLAYABLE_STATES = (RunState.FAILURE, RunState.CANCELLED)
+
+
+def list_messages(
+    conn: Connection, where: RunFilter, *, after: tuple[float, str] | None, limit: int
+) -> list[tuple[float, RunMessage]]:
+    """What the messages of up to `limit` runs `where` takes carry, newest first, after the
+    position `after`. Bulk replays page through these: memory holds one page, never the set."""
+    query = _matching(
+        sa.select(
+            runs.c.id, runs.c.created_at, runs.c.task, runs.c.args, runs.c.queue, runs.c.priority
+        ),
+        where,
+    )
+    if after is not None:
+        query = query.where(_older_than(after))
+    rows = conn.execute(query.order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit))
+    return [(r.created_at, RunMessage(r.id, r.task, r.args, r.queue, r.priority)) for r in rows]
+
+
+def record_replays(
+    conn: Connection, replays: Sequence[NewRun], now: float, *, strict: bool
+) -> list[NewRun]:
+    """Insert each replay and link it with the run it replays (`NewRun.replay_of`).
+
+    The originals are locked first: one that is not replayable (any more) raises
+    `RunStateError` when `strict` (nothing is written), or is left out otherwise (a bulk
+    replay racing another one). Returns the replays recorded.
+    """
+    wanted = [n.replay_of for n in replays]
+    rows = conn.execute(
+        sa.select(runs.c.id, runs.c.state, runs.c.replayed_by)
+        .where(runs.c.id.in_(wanted))
+        .with_for_update()
+    ).all()
+    found = {r.id: r for r in rows}
+    recorded = []
+    for new in replays:
+        row = found.get(new.replay_of or "")
+        problem = None
+        if row is None:
+            problem = str(RunNotFoundError(new.replay_of or ""))
+        elif row.replayed_by is not None:
+            problem = f"run {row.id} was already replayed as {row.replayed_by}"
+        elif row.state not in [s.value for s in REPLAYABLE_STATES]:
+            problem = f"run {row.id} is {row.state}; only FAILURE or CANCELLED runs can be replayed"
+        if problem is None:
+            recorded.append(new)
+        elif strict:
+            if row is None:
+                raise RunNotFoundError(new.replay_of or "")
+            raise RunStateError(problem)
+    if recorded:
+        insert_runs(conn, recorded, now)
+        conn.execute(
+            runs.update()
+            .where(runs.c.id == _b("original"))
+            .values(replayed_by=_b("replay"), updated_at=now),
+            [{"original": n.replay_of, "replay": n.id} for n in recorded],
+        )
+    return recorded
+
+
+def undo_replays(conn: Connection, replays: Sequence[NewRun]) -> None:
+    """Forget replays the broker refused: remove them and unlink their originals."""
+    delete_runs(conn, [n.id for n in replays])
+    conn.execute(
+        runs.update()
+        .where(runs.c.id == _b("original"), runs.c.replayed_by == _b("replay"))
+        .values(replayed_by=None),
+        [{"original": n.replay_of, "replay": n.id} for n in replays],
+    )
+
+
+def delete_finished(conn: Connection, where: RunFilter, limit: int) -> int:
+    """Delete up to `limit` finished runs `where` takes (with their attempts), oldest first.
+
+    Waiting and running runs are never deleted, whatever `where` says.
+    """
+    chosen = (
+        _matching(sa.select(runs.c.id), where)
+        .where(runs.c.state.in_(_TERMINAL))
+        .order_by(runs.c.finished_at)
+        .limit(limit)
+    )
+    ids = [row.id for row in conn.execute(chosen)]
+    if ids:
+        conn.execute(runs.delete().where(runs.c.id.in_(ids), runs.c.state.in_(_TERMINAL)))
+    return len(ids)
+
+
+def discard(conn: Connection, run_id: str) -> None:
+    """Delete one finished run and its attempts; `RunStateError` for one still going."""
+    row = conn.execute(sa.select(runs.c.state).where(runs.c.id == run_id).with_for_update()).first()
+    if row is None:
+        raise RunNotFoundError(run_id)
+    if row.state not in _TERMINAL:
+        raise RunStateError(
+            f"run {run_id} is {row.state}; cancel it first, only finished runs can be discarded"
+        )
+    conn.execute(runs.delete().where(runs.c.id == run_id))
 
 
 def count_by_state(conn: Connection) -> dict[RunState, int]:

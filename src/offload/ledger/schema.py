@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bump with a migration in `migrations.py` whenever a table below changes."""
 
 metadata = sa.MetaData()
@@ -54,11 +54,16 @@ runs = sa.Table(
     sa.Column("started_at", sa.Float),
     sa.Column("finished_at", sa.Float),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # A replay is a new run: it names the run it replays, and that run names its replay.
+    sa.Column("replay_of", sa.String(64)),
+    sa.Column("replayed_by", sa.String(64)),
     sa.UniqueConstraint("task", "idempotency_key", name="uq_offload_runs_idempotency"),
 )
 sa.Index("ix_offload_runs_created", runs.c.created_at, runs.c.id)
 sa.Index("ix_offload_runs_state", runs.c.state, runs.c.created_at)
 sa.Index("ix_offload_runs_task", runs.c.task, runs.c.created_at)
+# Retention deletes the oldest finished runs first.
+FINISHED_INDEX = sa.Index("ix_offload_runs_finished", runs.c.finished_at)
 
 attempts = sa.Table(
     "offload_attempts",

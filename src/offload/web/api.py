@@ -19,14 +19,14 @@ import asyncio
 import inspect
 import ipaddress
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Literal, Protocol
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
-from offload.core.run import Lane, RunPage, RunState, RunStatus
+from offload.core.run import Lane, RunFilter, RunPage, RunState, RunStatus
 from offload.errors import RunNotFoundError
 
 Action = Literal["read", "cancel"]
@@ -51,26 +51,53 @@ class Runs(Protocol):
     async def cancel(self, run_id: str) -> RunStatus: ...
 
     async def list_runs(
-        self,
-        *,
-        states: Sequence[RunState] = (),
-        task: str | None = None,
-        queue: str | None = None,
-        dead: bool | None = None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
+        self, where: RunFilter | None = None, *, limit: int = 50, cursor: str | None = None
     ) -> RunPage: ...
 
 
-def loopback_only(request: Request, _run: RunStatus, _action: Action) -> bool:
-    """The default `authorize`: callers on this machine only."""
+def is_loopback(request: Request) -> bool:
+    """True for a caller on this machine."""
     host = request.client.host if request.client else ""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def loopback_only(request: Request, _run: RunStatus, _action: Action) -> bool:
+    """The default `authorize`: callers on this machine only."""
+    return is_loopback(request)
+
+
+def run_filter(
+    state: Annotated[list[RunState] | None, Query(description="Only runs in these states.")] = None,
+    task: str | None = None,
+    queue: str | None = None,
+    dead: bool | None = None,
+    error: Annotated[str | None, Query(description="Text in the error line, any case.")] = None,
+    error_type: Annotated[str | None, Query(description="The error's exception type.")] = None,
+    replayed: bool | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    finished_before: datetime | None = None,
+) -> RunFilter:
+    """A `RunFilter` from query parameters (`?state=FAILURE&state=CANCELLED&task=...`)."""
+    return RunFilter(
+        states=tuple(state or ()),
+        task=task,
+        queue=queue,
+        dead=dead,
+        error=error,
+        error_type=error_type,
+        replayed=replayed,
+        created_after=created_after,
+        created_before=created_before,
+        finished_before=finished_before,
+    )
+
+
+RunQuery = Annotated[RunFilter, Depends(run_filter)]
+"""A route parameter: the `RunFilter` its query string describes."""
 
 
 def _not_found(run_id: str) -> HTTPException:
@@ -100,26 +127,12 @@ def build_router(jobs: Runs, authorize: Authorize | None = None) -> APIRouter:
     @router.get("", response_model=RunPage, summary="List runs, newest first")
     async def list_runs(
         request: Request,
-        state: Annotated[list[RunState] | None, Query()] = None,
-        task: str | None = None,
-        queue: str | None = None,
-        dead: bool | None = None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
+        where: RunQuery,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: str | None = None,
     ) -> RunPage:
         try:
-            page = await jobs.list_runs(
-                states=state or (),
-                task=task,
-                queue=queue,
-                dead=dead,
-                created_after=created_after,
-                created_before=created_before,
-                limit=limit,
-                cursor=cursor,
-            )
+            page = await jobs.list_runs(where, limit=limit, cursor=cursor)
         except ValueError as exc:
             raise HTTPException(400, detail=str(exc)) from None
         shown = [s for s in page.runs if await allowed(request, s, "read")]

@@ -1,8 +1,9 @@
 """The worker bootstep that tells the ledger which runs this worker is running.
 
 Every `heartbeat_interval_s` it marks the worker's running runs alive and reports the worker
-itself (`offload workers` reads it, on every broker); a few times per `orphan_after_s` it has
-the lane publish again the runs whose message never arrived.
+itself (`offload workers` reads it, on every broker). Between beats it does the lane's chores,
+each at its own interval: publishing again the runs whose message never arrived, and deleting
+the finished runs retention no longer keeps.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import bootsteps
@@ -26,10 +27,14 @@ from offload.settings import Settings
 logger = logging.getLogger("offload.durable")
 
 
+Chore = tuple[float, Callable[[], object]]
+"""`(interval in seconds, function)`: a periodic job of the lane's workers."""
+
+
 def heartbeat_step(
-    ledger: Ledger, settings: Settings, republish_orphans: Callable[[], int]
+    ledger: Ledger, settings: Settings, chores: Sequence[Chore]
 ) -> type[bootsteps.StartStopStep]:
-    """The bootstep class for one lane's workers."""
+    """The bootstep class for one lane's workers. The first chore also runs at start-up."""
 
     class LedgerHeartbeat(bootsteps.StartStopStep):
         label = "offload heartbeat"
@@ -39,7 +44,7 @@ def heartbeat_step(
         def __init__(self, worker: Any, **kwargs: Any) -> None:
             super().__init__(worker, **kwargs)
             self._stop = threading.Event()
-            self._thread: threading.Thread | None = None
+            self._threads: list[threading.Thread] = []
             self._listener: Any = None
             self._identity = worker_identity()
             self._started_at = ledger.clock()
@@ -54,11 +59,16 @@ def heartbeat_step(
             # whatever the ledger and broker need (psycopg, dialects) before any thread of ours
             # exists. A prefork child forked while another thread held an import lock would
             # wait for that lock forever.
-            self._tick(worker, sweep=True)
-            self._thread = threading.Thread(
-                target=self._loop, args=(worker,), name="offload-heartbeat", daemon=True
-            )
-            self._thread.start()
+            self._tick(worker)
+            self._chore(chores[0][1])
+            self._threads = [
+                threading.Thread(
+                    target=self._loop, args=(worker,), name="offload-heartbeat", daemon=True
+                ),
+                threading.Thread(target=self._chores, name="offload-chores", daemon=True),
+            ]
+            for thread in self._threads:
+                thread.start()
 
         def stop(self, worker: Any) -> None:
             self._stop.set()
@@ -91,24 +101,30 @@ def heartbeat_step(
             )
 
         def _loop(self, worker: Any) -> None:
-            interval = settings.heartbeat_interval_s
-            # Sweep for lost messages a few times per orphan_after_s, at most once a second.
-            sweep_every = max(1.0, settings.orphan_after_s / 4)
-            next_sweep = time.monotonic() + sweep_every
-            while not self._stop.wait(min(interval, sweep_every)):
-                sweep = time.monotonic() >= next_sweep
-                if sweep:
-                    next_sweep = time.monotonic() + sweep_every
-                self._tick(worker, sweep=sweep)
+            while not self._stop.wait(settings.heartbeat_interval_s):
+                self._tick(worker)
 
-        def _tick(self, worker: Any, *, sweep: bool) -> None:
+        def _chores(self) -> None:
+            # Apart from the beats: a long purge must not make running runs look lost.
+            due = [time.monotonic() + every for every, _ in chores]
+            while not self._stop.wait(max(0.0, min(due) - time.monotonic())):
+                for index, (every, chore) in enumerate(chores):
+                    if time.monotonic() >= due[index] and not self._stop.is_set():
+                        self._chore(chore)
+                        due[index] = time.monotonic() + every
+
+        def _tick(self, worker: Any) -> None:
             run_ids = [request.id for request in list(worker_state.active_requests)]
             try:
                 ledger.write(functools.partial(self._beat, worker=worker, run_ids=run_ids))
-                if sweep:
-                    republish_orphans()
             except Exception:
-                # Ledger or broker trouble: the heartbeat must outlive it and try again.
-                logger.exception("heartbeat or orphan sweep failed; trying again")
+                # Ledger trouble: the heartbeat must outlive it and try again.
+                logger.exception("heartbeat failed; trying again")
+
+        def _chore(self, chore: Callable[[], object]) -> None:
+            try:
+                chore()
+            except Exception:
+                logger.exception("%s failed; trying again later", getattr(chore, "__name__", chore))
 
     return LedgerHeartbeat
