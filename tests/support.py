@@ -140,6 +140,22 @@ def ledger_url(kind: str, data_dir: Path) -> Iterator[str]:
         raise ValueError(kind)
 
 
+def offload_cli(
+    *args: str, env: dict[str, str], cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    """`offload ARGS` as a user types it: a real process with only these OFFLOAD_* settings."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "offload.cli", *args],
+        cwd=cwd,
+        env={**clean, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     """Poll `predicate` until it returns something truthy; fail with `what` after `timeout`."""
     deadline = time.monotonic() + timeout

@@ -410,12 +410,9 @@ class Offload:
         status, message = self.ledger.read(
             lambda conn: (queries.get_status(conn, run_id), queries.get_message(conn, run_id))
         )
-        if status.replayed_by is not None:
-            raise RunStateError(f"run {run_id} was already replayed as {status.replayed_by}")
-        if status.state not in queries.REPLAYABLE_STATES:
-            raise RunStateError(
-                f"run {run_id} is {status.state}; only FAILURE or CANCELLED runs can be replayed"
-            )
+        refusal = queries.replay_refusal(run_id, status.state, status.replayed_by)
+        if refusal is not None:
+            raise refusal
         replay = self._replay_of(message, args)
         self.durable.replay([replay], strict=True)
         return RunHandle(self, replay[0].id)
@@ -433,9 +430,10 @@ class Offload:
         `on_progress(replayed so far)` after each batch. Returns how many were replayed.
         Raises `ConfigurationError` before replaying anything if a task is not declared here.
         """
-        where = _replayable(where or RunFilter())
-        if where is None:
+        where = (where or RunFilter()).within(queries.REPLAYABLE_STATES)
+        if where is None or where.replayed:
             return 0
+        where = where.model_copy(update={"replayed": False})
         unknown = sorted(set(self.count_runs_sync(where)) - self._worker_tasks())
         if unknown:
             raise _undeclared(unknown)
@@ -540,16 +538,6 @@ class Offload:
         if self._durable is not None:
             self._durable.close()
         self.ledger.dispose()
-
-
-def _replayable(where: RunFilter) -> RunFilter | None:
-    """`where` narrowed to runs a replay may take; None if it takes none."""
-    states = tuple(
-        s for s in where.states or queries.REPLAYABLE_STATES if s in queries.REPLAYABLE_STATES
-    )
-    if not states or where.replayed:
-        return None
-    return where.model_copy(update={"states": states, "replayed": False})
 
 
 def _undeclared(names: Sequence[str]) -> ConfigurationError:

@@ -434,18 +434,14 @@ def runs_purge(
 def _purge(where: RunFilter, ledger_url: str | None, as_json: bool, verbose: bool) -> None:
     try:
         jobs = _offload(ledger_url)
-        total = sum(jobs.count_runs_sync(_finished(where)).values())
+        finished = where.within(TERMINAL_STATES)
+        total = sum(jobs.count_runs_sync(finished).values()) if finished else 0
         purged = _with_progress(
             "purging", total, lambda progress: jobs.purge_sync(where, on_progress=progress), as_json
         )
     except OffloadError as exc:
         raise _fail(exc, verbose) from None
     typer.echo(json.dumps({"purged": purged}) if as_json else f"purged {purged} finished run(s)")
-
-
-def _finished(where: RunFilter) -> RunFilter:
-    states = tuple(s for s in where.states or TERMINAL_STATES if s in TERMINAL_STATES)
-    return where.model_copy(update={"states": states or tuple(TERMINAL_STATES)})
 
 
 def _need_app() -> str:

@@ -5,9 +5,7 @@ both ledgers, with real worker processes."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 
 from offload import RunFilter, RunNotFoundError, RunState, RunStatus
 from tests.contract.conftest import LEDGERS, Durable, durable_world
-from tests.support import ROOT, Server, wait_until
+from tests.support import Server, offload_cli, wait_until
 
 APP = "tests.apps.contract:jobs"
 
@@ -30,17 +28,7 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Durable]:
 
 def offload(world: Durable, *args: str) -> subprocess.CompletedProcess[str]:
     """`offload ARGS` as a user runs it beside the app: same OFFLOAD_* environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
-    env.update(world.env, PYTHONPATH=str(ROOT))
-    return subprocess.run(
-        [sys.executable, "-m", "offload.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return offload_cli(*args, env=world.env)
 
 
 def dead(world: Durable, order_id: int, cents: int = -5) -> RunStatus:

@@ -3,32 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from offload import Offload
+from tests.support import offload_cli
 
 
-def offload_cli(*args: str, cwd: Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
-    env["OFFLOAD_DATA_DIR"] = str(data_dir)
-    return subprocess.run(
-        [sys.executable, "-m", "offload.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+def run_cli(*args: str, cwd: Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return offload_cli(*args, env={"OFFLOAD_DATA_DIR": str(data_dir)}, cwd=cwd)
 
 
 def test_reading_a_missing_ledger_is_an_error_and_creates_nothing(tmp_path: Path) -> None:
     data_dir = tmp_path / "no-project-here"
     for command in (["runs", "list"], ["runs", "show", "0" * 32], ["workers"]):
-        done = offload_cli(*command, cwd=tmp_path, data_dir=data_dir)
+        done = run_cli(*command, cwd=tmp_path, data_dir=data_dir)
         assert done.returncode == 1, done
         assert f"No ledger at sqlite:///{data_dir}/ledger.sqlite" in done.stderr
         assert "--ledger-url" in done.stderr
@@ -50,31 +39,29 @@ def test_list_filters_and_show_tells_one_run(tmp_path: Path) -> None:
     reports = render_report.defer_many_sync([{"user_id": 1}, {"user_id": 2}])
     jobs.close()
 
-    listed = offload_cli("runs", "list", "--json", cwd=tmp_path, data_dir=tmp_path / "data")
+    listed = run_cli("runs", "list", "--json", cwd=tmp_path, data_dir=tmp_path / "data")
     assert listed.returncode == 0, listed.stderr
     assert {r["id"] for r in json.loads(listed.stdout)} == {receipt.id, *(r.id for r in reports)}
 
-    mail = offload_cli(
+    mail = run_cli(
         "runs", "list", "--queue", "mail", "--json", cwd=tmp_path, data_dir=tmp_path / "data"
     )
     assert [r["id"] for r in json.loads(mail.stdout)] == [receipt.id]
 
-    future = offload_cli(
+    future = run_cli(
         "runs", "list", "--since", "2999-01-01", "--json", cwd=tmp_path, data_dir=tmp_path / "data"
     )
     assert json.loads(future.stdout) == []
 
-    shown = offload_cli(
-        "runs", "show", receipt.id, "--json", cwd=tmp_path, data_dir=tmp_path / "data"
-    )
+    shown = run_cli("runs", "show", receipt.id, "--json", cwd=tmp_path, data_dir=tmp_path / "data")
     body = json.loads(shown.stdout)
     assert (body["id"], body["task"], body["state"]) == (receipt.id, "send_receipt", "PENDING")
     assert body["attempt_history"] == []
 
-    table = offload_cli("runs", "list", cwd=tmp_path, data_dir=tmp_path / "data")
+    table = run_cli("runs", "list", cwd=tmp_path, data_dir=tmp_path / "data")
     assert receipt.id in table.stdout
     assert "send_receipt" in table.stdout
 
-    unknown = offload_cli("runs", "show", "f" * 32, cwd=tmp_path, data_dir=tmp_path / "data")
+    unknown = run_cli("runs", "show", "f" * 32, cwd=tmp_path, data_dir=tmp_path / "data")
     assert unknown.returncode == 1
     assert f"No run with id '{'f' * 32}'" in unknown.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -154,6 +155,13 @@ class RunFilter(BaseModel):
     created_after: datetime | None = None
     created_before: datetime | None = None
     finished_before: datetime | None = None
+
+    def within(self, states: Iterable[RunState]) -> RunFilter | None:
+        """This filter narrowed to runs in `states` (all of them if it names none); None if
+        it takes none of them (it names only other states)."""
+        allowed = tuple(states)
+        kept = tuple(s for s in self.states or allowed if s in allowed)
+        return self.model_copy(update={"states": kept}) if kept else None
 
     def matches(self, status: RunStatus) -> bool:
         """The same question asked of a run in memory (the inline lane's)."""

@@ -364,6 +364,18 @@ def list_messages(
     return [(r.created_at, RunMessage(r.id, r.task, r.args, r.queue, r.priority)) for r in rows]
 
 
+def replay_refusal(run_id: str, state: RunState, replayed_by: str | None) -> RunStateError | None:
+    """Why a run in `state` may not be replayed (None if it may): the one rule, asked before
+    the edits are validated and again with the original locked."""
+    if replayed_by is not None:
+        return RunStateError(f"run {run_id} was already replayed as {replayed_by}")
+    if state not in REPLAYABLE_STATES:
+        return RunStateError(
+            f"run {run_id} is {state}; only FAILURE or CANCELLED runs can be replayed"
+        )
+    return None
+
+
 def record_replays(
     conn: Connection, replays: Sequence[NewRun], now: float, *, strict: bool
 ) -> list[NewRun]:
@@ -382,20 +394,17 @@ def record_replays(
     found = {r.id: r for r in rows}
     recorded = []
     for new in replays:
-        row = found.get(new.replay_of or "")
-        problem = None
+        original = new.replay_of or ""
+        row = found.get(original)
         if row is None:
-            problem = str(RunNotFoundError(new.replay_of or ""))
-        elif row.replayed_by is not None:
-            problem = f"run {row.id} was already replayed as {row.replayed_by}"
-        elif row.state not in [s.value for s in REPLAYABLE_STATES]:
-            problem = f"run {row.id} is {row.state}; only FAILURE or CANCELLED runs can be replayed"
-        if problem is None:
+            if strict:
+                raise RunNotFoundError(original)
+            continue
+        refusal = replay_refusal(original, RunState(row.state), row.replayed_by)
+        if refusal is None:
             recorded.append(new)
         elif strict:
-            if row is None:
-                raise RunNotFoundError(new.replay_of or "")
-            raise RunStateError(problem)
+            raise refusal
     if recorded:
         insert_runs(conn, recorded, now)
         conn.execute(
