@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -348,3 +349,28 @@ class Server:
                 self.process.wait(timeout=timeout)
         kill_and_reap(self.process, [*self._children, *self.descendants()])
         self._log.close()
+
+
+class Scrape:
+    """One `/metrics` exposition, parsed by prometheus_client (so it must be well-formed)."""
+
+    def __init__(self, text: str) -> None:
+        types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+        assert len(types) == len(set(types)), f"a family is exposed twice: {sorted(types)}"
+        self.samples = [
+            (sample.name, sample.labels, sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        ]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sum of the samples named `name` whose labels include `labels` (0 if none)."""
+        return sum(
+            value
+            for found, have, value in self.samples
+            if found == name and all(have.get(k) == v for k, v in labels.items())
+        )
+
+    def labels(self, name: str, key: str) -> set[str]:
+        """Every value of label `key` among the samples named `name`."""
+        return {have[key] for found, have, _ in self.samples if found == name and key in have}

@@ -38,7 +38,6 @@ def test_all_is_pinned() -> None:
             "TaskTimeoutError",
             "Timeout",
             "WorkerStatus",
-            "metrics_app",
         ]
     )
     for name in offload.__all__:

@@ -43,7 +43,6 @@ from offload.errors import TaskArgumentsError as TaskArgumentsError
 from offload.errors import TaskCancelledError as TaskCancelledError
 from offload.errors import TaskDefinitionError as TaskDefinitionError
 from offload.errors import TaskTimeoutError as TaskTimeoutError
-from offload.metrics import metrics_app as metrics_app
 from offload.settings import Settings as Settings
 
 __all__ = [
@@ -79,6 +78,5 @@ __all__ = [
     "TaskTimeoutError",
     "Timeout",
     "WorkerStatus",
-    "metrics_app",
 ]
 __version__ = "0.1.0"

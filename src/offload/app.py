@@ -274,6 +274,14 @@ class Offload:
 
         return build_admin_router(self, authorize=authorize)
 
+    def metrics_app(self) -> Any:
+        """Prometheus' `/metrics` as an ASGI app: this process's inline-lane and event-loop
+        series and the durable lane's from the ledger (every worker, every machine).
+        `app.mount("/metrics", jobs.metrics_app())`."""
+        from offload.web.metrics import build_metrics_app
+
+        return build_metrics_app(self.ledger, self.settings.stale_after_s)
+
     # --- runs ------------------------------------------------------------------------------
     # Every question has a blocking twin (`..._sync`) and an async form that asks the ledger
     # off the event loop. Inline runs this process holds answer from memory first.

@@ -1,14 +1,28 @@
-"""Prometheus collectors, all named `offload_*`. prometheus_client enters offload here only.
+"""Prometheus collectors of this process, all named `offload_*`.
 
 Label values come from bounded sets (task names, lanes, states); a run id is never a label.
-Serve them with prometheus_client's ASGI app: `app.mount("/metrics", offload.metrics_app())`.
+These are the series of this process: the inline lane's and the event-loop guard's. The durable
+lane's are counted in the ledger by the writes that end its attempts (`ledger/queries.py`) and
+joined to these at scrape time by `jobs.metrics_app()` (`web/metrics.py`).
 """
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram, make_asgi_app
+from prometheus_client import Counter, Gauge, Histogram
+
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+"""Upper bounds (seconds) of `offload_run_duration_seconds`, on both lanes."""
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+"""Upper bounds (seconds) of `offload_queue_wait_seconds`: a backlog can last an hour."""
+
+
+def bucket_of(bounds: tuple[float, ...], seconds: float) -> int:
+    """The index of the first bound >= `seconds` (`len(bounds)` for +Inf)."""
+    return bisect.bisect_left(bounds, seconds)
+
 
 RUNS = Counter(
     "offload_runs",
@@ -19,7 +33,7 @@ RUN_DURATION = Histogram(
     "offload_run_duration_seconds",
     "Wall time of one attempt, from its start to its end.",
     ["task", "lane"],
-    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    buckets=DURATION_BUCKETS,
 )
 INLINE_RETRIES = Counter(
     "offload_inline_retries", "Inline attempts that failed and were tried again.", ["task"]
@@ -72,8 +86,3 @@ class RunMetrics:
             if timing is None:
                 timing = self._durations[(task, lane)] = RUN_DURATION.labels(task, lane)
             timing.observe(duration_s)
-
-
-def metrics_app() -> Any:
-    """An ASGI app serving every collector in Prometheus' text format (mount it anywhere)."""
-    return make_asgi_app()

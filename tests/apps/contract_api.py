@@ -12,3 +12,4 @@ from tests.apps.contract import jobs
 app = FastAPI(lifespan=jobs.lifespan, exception_handlers=jobs.exception_handlers)
 app.include_router(jobs.router, prefix="/tasks")
 app.include_router(jobs.admin_router(), prefix="/admin/jobs")
+app.mount("/metrics", jobs.metrics_app())

@@ -17,7 +17,6 @@ from typing import Any
 from fastapi import BackgroundTasks, FastAPI, Request
 
 from offload import Backoff, Offload, RunStatus, TaskContext
-from offload.metrics import metrics_app
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -143,7 +142,7 @@ app = FastAPI(
 )
 app.include_router(jobs.router, prefix="/tasks")
 app.include_router(jobs.status_router(authorize=owner_only), prefix="/mine")
-app.mount("/metrics", metrics_app())
+app.mount("/metrics", jobs.metrics_app())
 
 
 @app.get("/healthz")

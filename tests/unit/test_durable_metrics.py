@@ -1,20 +1,24 @@
-"""The durable lane counts its runs like the inline lane: `offload_runs_total` and
-`offload_run_duration_seconds`, labelled `lane="durable"`, in the process that ran the attempt.
+"""The durable lane counts its runs in the ledger: `offload_runs_total{lane="durable"}`,
+`offload_run_duration_seconds`, `offload_queue_wait_seconds`, `offload_dead_runs` and
+`offload_queue_depth`, read by `jobs.metrics_app()` as Prometheus scrapes it.
 
-The attempt runs through the worker's real executor, in this process, on real SQLite files
-(ledger and broker); only Celery's consumer loop is left out, so the counters can be read here.
+The attempts run through the worker's real executor, in this process, on real SQLite files
+(ledger and broker); only Celery's consumer loop is left out. The contract suite scrapes a
+real server while real worker processes run (tests/contract/test_metrics.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from prometheus_client import REGISTRY
 
 from offload import Offload, RunFailedError, RunState
+from tests.support import Scrape, free_port
 
 
 class Clock:
@@ -40,14 +44,19 @@ def jobs(tmp_path: Path, clock: Clock) -> Iterator[Offload]:
     jobs.close()
 
 
-def _runs(task: str, state: RunState) -> float:
-    labels = {"task": task, "lane": "durable", "state": state.value}
-    return REGISTRY.get_sample_value("offload_runs_total", labels) or 0.0
+def scrape(jobs: Offload) -> Scrape:
+    async def get() -> str:
+        transport = httpx.ASGITransport(app=jobs.metrics_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/")
+            assert response.headers["content-type"].startswith("text/plain")
+            return response.text
+
+    return Scrape(asyncio.run(get()))
 
 
-def _timed(task: str) -> float:
-    labels = {"task": task, "lane": "durable"}
-    return REGISTRY.get_sample_value("offload_run_duration_seconds_count", labels) or 0.0
+def runs(found: Scrape, task: str, state: RunState) -> float:
+    return found.value("offload_runs_total", task=task, lane="durable", state=state.value)
 
 
 def test_durable_runs_are_counted_by_final_state(jobs: Offload, clock: Clock) -> None:
@@ -61,33 +70,70 @@ def test_durable_runs_are_counted_by_final_state(jobs: Offload, clock: Clock) ->
     def flaky() -> None:
         raise ConnectionError("provider down")
 
-    before = {
-        "ok": _runs("metrics_charge", RunState.SUCCESS),
-        "failed": _runs("metrics_charge", RunState.FAILURE),
-        "flaky": _runs("metrics_flaky", RunState.FAILURE),
-        "timed": _timed("metrics_charge"),
-    }
     execute = jobs.durable.executor.execute
+    empty = scrape(jobs)
+    assert empty.value("offload_ledger_up") == 1
+    assert empty.value("offload_runs_total", lane="durable") == 0
 
     paid = charge.defer_sync(cents=250)
+    declined = charge.defer_sync(cents=-1)
+    clock.now += 2.0  # both waited two seconds in the queue
+    assert scrape(jobs).value("offload_queue_depth", queue="default") == 2
     execute(charge, paid.id, {"cents": 250})
     assert paid.result_sync(timeout=5) == 250
-
-    declined = charge.defer_sync(cents=-1)
     execute(charge, declined.id, {"cents": -1})
     with pytest.raises(RunFailedError, match="card declined"):
         declined.result_sync(timeout=5)
 
-    assert _runs("metrics_charge", RunState.SUCCESS) == before["ok"] + 1
-    assert _runs("metrics_charge", RunState.FAILURE) == before["failed"] + 1
-    assert _timed("metrics_charge") == before["timed"] + 2
+    found = scrape(jobs)
+    assert runs(found, "metrics_charge", RunState.SUCCESS) == 1
+    assert runs(found, "metrics_charge", RunState.FAILURE) == 1
+    timed = {"task": "metrics_charge", "lane": "durable"}
+    assert found.value("offload_run_duration_seconds_count", **timed) == 2
+    assert found.value("offload_run_duration_seconds_bucket", le="+Inf", **timed) == 2
+    waited = {"task": "metrics_charge"}
+    assert found.value("offload_queue_wait_seconds_count", **waited) == 2
+    assert found.value("offload_queue_wait_seconds_sum", **waited) == pytest.approx(4.0)
+    assert found.value("offload_queue_wait_seconds_bucket", le="1.0", **waited) == 0
+    assert found.value("offload_queue_wait_seconds_bucket", le="5.0", **waited) == 2
+    assert found.value("offload_dead_runs", task="metrics_charge") == 1
+    assert found.value("offload_queue_depth") == 0
 
     # A failure that will be tried again is not a finished run; the last try is.
     run = flaky.defer_sync()
     execute(flaky, run.id, {})
     assert run.status_sync().state is RunState.RETRY
-    assert _runs("metrics_flaky", RunState.FAILURE) == before["flaky"]
+    assert runs(scrape(jobs), "metrics_flaky", RunState.FAILURE) == 0
     clock.now += 600  # past the backoff: the redelivery runs the second try
     execute(flaky, run.id, {})
     assert run.status_sync().state is RunState.FAILURE
-    assert _runs("metrics_flaky", RunState.FAILURE) == before["flaky"] + 1
+    found = scrape(jobs)
+    assert runs(found, "metrics_flaky", RunState.FAILURE) == 1
+    assert found.value("offload_queue_wait_seconds_count", task="metrics_flaky") == 2
+    assert found.value("offload_dead_runs") == 2
+
+    # Cancelled while waiting: counted, but it never ran, so it has no duration.
+    waiting = charge.defer_sync(cents=1)
+    waiting.cancel_sync()
+    found = scrape(jobs)
+    assert runs(found, "metrics_charge", RunState.CANCELLED) == 1
+    assert found.value("offload_run_duration_seconds_count", **timed) == 2
+
+    # Retention removes old runs; the counters it does not touch.
+    clock.now += 40 * 86400
+    jobs.durable.expire()
+    assert jobs.list_runs_sync().runs == []
+    after = scrape(jobs)
+    assert runs(after, "metrics_charge", RunState.SUCCESS) == 1
+    assert after.value("offload_dead_runs") == 0
+
+
+def test_a_ledger_that_is_down_still_gets_this_process_series(tmp_path: Path) -> None:
+    down = f"postgresql://offload@127.0.0.1:{free_port()}/offload"  # nothing listens there
+    jobs = Offload(data_dir=tmp_path, ledger_url=down)
+    try:
+        found = scrape(jobs)
+    finally:
+        jobs.close()
+    assert found.value("offload_ledger_up") == 0
+    assert "offload_inline_running" in {name for name, _, _ in found.samples}

@@ -99,3 +99,34 @@ async def test_a_request_context_left_behind_never_swallows_a_later_defer(
         run_id = (await client.get("/defer-without-dependency")).json()["id"]
     await jobs.inline.wait_idle(timeout=5)
     assert (await jobs.run(run_id).status()).state is RunState.SUCCESS
+
+
+ADMIN_ROUTES = [
+    ("GET", "/admin/runs", None),
+    ("GET", "/admin/runs/counts", None),
+    ("GET", "/admin/runs/r1", None),
+    ("POST", "/admin/runs/r1/replay", {}),
+    ("POST", "/admin/runs/r1/cancel", None),
+    ("DELETE", "/admin/runs/r1", None),
+    ("POST", "/admin/runs/replay", {"dead": True}),
+    ("POST", "/admin/runs/purge", {"dead": True}),
+]
+
+
+async def test_the_admin_api_refuses_callers_from_elsewhere_by_default(tmp_path: Path) -> None:
+    jobs = Offload(data_dir=tmp_path)
+    api = FastAPI()
+    api.include_router(jobs.admin_router(), prefix="/admin")
+    try:
+        async with jobs.lifespan(api):
+            remote = httpx.ASGITransport(app=api, client=("203.0.113.5", 5000))
+            async with httpx.AsyncClient(transport=remote, base_url="http://test") as client:
+                for method, path, body in ADMIN_ROUTES:
+                    response = await client.request(method, path, json=body)
+                    assert response.status_code == 403, (method, path, response.text)
+            local = httpx.ASGITransport(app=api, client=("127.0.0.1", 5000))
+            async with httpx.AsyncClient(transport=local, base_url="http://test") as client:
+                assert (await client.get("/admin/runs")).status_code == 200
+                assert (await client.get("/admin/runs/r1")).status_code == 404
+    finally:
+        jobs.close()

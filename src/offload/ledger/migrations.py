@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from offload.errors import LedgerError
-from offload.ledger.schema import FINISHED_INDEX
+from offload.ledger.schema import FINISHED_INDEX, run_stats
 
 
 def _replays_and_retention(conn: Connection) -> None:
@@ -22,7 +22,13 @@ def _replays_and_retention(conn: Connection) -> None:
     FINISHED_INDEX.create(conn)
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _replays_and_retention}
+def _run_stats(conn: Connection) -> None:
+    """Version 3: the durable lane's counters for `/metrics`. They start at zero: runs that
+    ended before the upgrade are not counted (Prometheus reads it as a counter reset)."""
+    run_stats.create(conn)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _replays_and_retention, 3: _run_stats}
 """target version -> function that upgrades from the version before it."""
 
 

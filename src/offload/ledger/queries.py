@@ -33,6 +33,7 @@ from offload.core.run import (
     WorkerStatus,
 )
 from offload.errors import IdempotencyConflictError, RunNotFoundError, RunStateError
+from offload.ledger import stats
 from offload.ledger.prepared import Prepared, one_of
 from offload.ledger.schema import attempts, runs, workers
 
@@ -61,11 +62,16 @@ _CLAIM_WAITING = Prepared(
         worker=_b("worker"),
         heartbeat_at=_b("now"),
         attempt_started_at=_b("now"),
-        next_attempt_at=None,
+        # next_attempt_at stays: when this attempt was due, for its time in the queue.
         started_at=sa.func.coalesce(runs.c.started_at, _b("now")),
         updated_at=_b("now"),
     )
-    .returning(runs.c.attempts, runs.c.failures, runs.c.args)
+    .returning(
+        runs.c.attempts,
+        runs.c.failures,
+        runs.c.args,
+        sa.func.coalesce(runs.c.next_attempt_at, runs.c.created_at).label("due_at"),
+    )
 )
 
 # End the current attempt, if it still is the current one; returns what its history row needs.
@@ -76,7 +82,7 @@ _END_CURRENT = (
         runs.c.attempts == _b("attempt"),
         one_of(runs.c.state, _ACTIVE),
     )
-    .returning(runs.c.worker, runs.c.attempt_started_at)
+    .returning(runs.c.task, runs.c.worker, runs.c.attempt_started_at)
 )
 
 _RECORD_PROGRESS = Prepared(
@@ -516,7 +522,7 @@ def claim(
     params = {"run_id": run_id, "worker": worker, "now": now, "due": now + 0.05}
     started = _CLAIM_WAITING.first(conn, params)
     if started is not None:
-        return Claimed(attempt=started.attempts, failures=started.failures, args=started.args)
+        return _claimed(conn, task, started, now)
     row = conn.execute(_SELECT_RUN_FOR_UPDATE, {"run_id": run_id}).first()
     if row is None:
         insert_runs(conn, [NewRun(run_id, task, Lane.DURABLE, queue, 0, args, None)], now)
@@ -549,21 +555,27 @@ def claim(
                 f"WorkerLost: the worker died during {lost} attempts; the task probably "
                 "crashes its process (out of memory, segfault, hard timeout)"
             )
-            _finish(conn, run_id, now, RunState.FAILURE, dead=True, error=error)
+            _finish(conn, row.task, run_id, now, RunState.FAILURE, dead=True, error=error)
             return Skip(error)
     if row.cancel_requested:
-        _finish(conn, run_id, now, RunState.CANCELLED)
+        _finish(conn, row.task, run_id, now, RunState.CANCELLED)
         return Skip("cancelled")
     if row.next_attempt_at is not None and row.next_attempt_at > now + 0.05:
         return Park(row.next_attempt_at, "not due yet")
     # A lost attempt's run, or one created above: start it like a waiting one.
     conn.execute(runs.update().where(runs.c.id == run_id).values(state=RunState.PENDING.value))
     started = _CLAIM_WAITING.first(conn, params)
+    return _claimed(conn, task, started, now)
+
+
+def _claimed(conn: Connection, task: str, started: Any, now: float) -> Claimed:
+    stats.count_started(conn, task, now - started.due_at)
     return Claimed(attempt=started.attempts, failures=started.failures, args=started.args)
 
 
 def _finish(
     conn: Connection,
+    task: str,
     run_id: str,
     now: float,
     state: RunState,
@@ -572,6 +584,7 @@ def _finish(
     error: str | None = None,
     **values: Any,
 ) -> None:
+    """End a run outside an attempt (cancelled while waiting, lost too often, poison)."""
     conn.execute(
         runs.update()
         .where(runs.c.id == run_id)
@@ -586,6 +599,7 @@ def _finish(
             **values,
         )
     )
+    stats.count_ended(conn, task, state, None)
 
 
 _ENDED: dict[str, Any] = {"updated_at": _b("now"), "heartbeat_at": None}
@@ -633,8 +647,11 @@ def _end_attempt(
     outcome: str,
     error: str | None = None,
     traceback: str | None = None,
+    *,
+    ends_run: RunState | None,
 ) -> bool:
-    """Move the run on with `statement` and write the attempt's history row, in one go.
+    """Move the run on with `statement` and write the attempt's history row, in one go; count
+    the run if the statement ends it in state `ends_run`.
 
     False (and nothing written) if this attempt is no longer the run's current one: it was
     declared lost while it ran.
@@ -643,7 +660,15 @@ def _end_attempt(
     if ended is None:
         return False
     _insert_attempt(conn, params, ended, outcome, error, traceback)
+    if ends_run is not None:
+        _count_ended(conn, params, ended, ends_run)
     return True
+
+
+def _count_ended(conn: Connection, params: dict[str, Any], ended: Any, state: RunState) -> None:
+    started = ended.attempt_started_at
+    duration = None if started is None else params["now"] - started
+    stats.count_ended(conn, ended.task, state, duration)
 
 
 def _insert_attempt(
@@ -681,6 +706,7 @@ def finish_returned(
     state = RunState(ended.state)
     outcome = "cancelled" if state is RunState.CANCELLED else "success"
     _insert_attempt(conn, params, ended, outcome)
+    _count_ended(conn, params, ended, state)
     return state
 
 
@@ -688,7 +714,7 @@ def finish_cancelled(conn: Connection, run_id: str, attempt: int, now: float) ->
     """CANCELLED: the task stopped for a cancel (`TaskCancelledError`, raised by the task or
     by the worker after the grace period)."""
     params = {"run_id": run_id, "attempt": attempt, "now": now}
-    return _end_attempt(conn, _END_CANCELLED, params, "cancelled")
+    return _end_attempt(conn, _END_CANCELLED, params, "cancelled", ends_run=RunState.CANCELLED)
 
 
 def finish_failure(
@@ -705,9 +731,11 @@ def finish_failure(
     """A failed attempt: RETRY due at `retry_at`, or FAILURE and dead when `retry_at` is None."""
     params: dict[str, Any] = {"run_id": run_id, "attempt": attempt, "now": now, "error": error}
     if retry_at is None:
-        return _end_attempt(conn, _END_DEAD, params, outcome, error, traceback)
+        return _end_attempt(
+            conn, _END_DEAD, params, outcome, error, traceback, ends_run=RunState.FAILURE
+        )
     params["retry_at"] = retry_at
-    return _end_attempt(conn, _END_RETRY, params, outcome, error, traceback)
+    return _end_attempt(conn, _END_RETRY, params, outcome, error, traceback, ends_run=None)
 
 
 def bury(
@@ -730,7 +758,7 @@ def bury(
         insert_runs(conn, [NewRun(run_id, task, Lane.DURABLE, queue, 0, args, None)], now)
     elif row.state in _TERMINAL:
         return
-    _finish(conn, run_id, now, RunState.FAILURE, dead=True, error=reason)
+    _finish(conn, task, run_id, now, RunState.FAILURE, dead=True, error=reason)
 
 
 def record_progress(
@@ -815,11 +843,13 @@ def cancel_requested_among(conn: Connection, run_ids: Sequence[str]) -> list[str
 
 def request_cancel(conn: Connection, run_id: str, now: float) -> RunStatus:
     """Cancel a waiting run at once; flag a running one; leave a finished one alone."""
-    row = conn.execute(sa.select(runs.c.state).where(runs.c.id == run_id).with_for_update()).first()
+    row = conn.execute(
+        sa.select(runs.c.state, runs.c.task).where(runs.c.id == run_id).with_for_update()
+    ).first()
     if row is None:
         raise RunNotFoundError(run_id)
     if row.state in (RunState.PENDING.value, RunState.RETRY.value):
-        _finish(conn, run_id, now, RunState.CANCELLED, cancel_requested=True)
+        _finish(conn, row.task, run_id, now, RunState.CANCELLED, cancel_requested=True)
     elif row.state in _ACTIVE:
         conn.execute(
             runs.update().where(runs.c.id == run_id).values(cancel_requested=True, updated_at=now)

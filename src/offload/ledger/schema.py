@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bump with a migration in `migrations.py` whenever a table below changes."""
 
 metadata = sa.MetaData()
@@ -49,6 +49,7 @@ runs = sa.Table(
     sa.Column("worker", sa.String(200)),
     sa.Column("attempt_started_at", sa.Float),
     sa.Column("heartbeat_at", sa.Float),
+    # When the next attempt is due; while it runs, when it was due (its time in the queue).
     sa.Column("next_attempt_at", sa.Float),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("started_at", sa.Float),
@@ -98,4 +99,21 @@ workers = sa.Table(
     sa.Column("running", sa.Integer, nullable=False),
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("heartbeat_at", sa.Float, nullable=False),
+)
+
+# The durable lane's Prometheus counters, kept by the same writes that start and end attempts:
+# exact across processes, machines and restarts, and untouched by retention (web/metrics.py).
+# series "run": runs that ended, by state and duration bucket (-1: ended without an attempt);
+# series "wait": attempts started, by time-in-queue bucket (state ""). Concurrent writers pick
+# one of a few shards, so that workers never queue behind one row lock on PostgreSQL.
+run_stats = sa.Table(
+    "offload_run_stats",
+    metadata,
+    sa.Column("series", sa.String(8), primary_key=True),
+    sa.Column("task", sa.String(200), primary_key=True),
+    sa.Column("state", sa.String(16), primary_key=True),
+    sa.Column("bucket", sa.Integer, primary_key=True),
+    sa.Column("shard", sa.Integer, primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False),
+    sa.Column("seconds", sa.Float, nullable=False),
 )

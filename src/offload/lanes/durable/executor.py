@@ -30,7 +30,7 @@ from offload.core import attempt
 from offload.core.attempt import Failure, Outcome
 from offload.core.context import TaskContext
 from offload.core.process import is_alive, worker_identity
-from offload.core.run import Lane, RunState
+from offload.core.run import RunState
 from offload.core.task import Task
 from offload.errors import LedgerError, TaskTimeoutError
 from offload.lanes.durable.watch import Running, cancel_watcher, watchdog
@@ -241,9 +241,8 @@ class Executor:
     def _finished(
         task: Task[Any, Any], run_id: str, number: int, state: RunState, started: float
     ) -> None:
-        """The run reached `state` (SUCCESS or CANCELLED) in the ledger: log and count it."""
+        """The run reached `state` (SUCCESS or CANCELLED) in the ledger (which counted it)."""
         duration = time.monotonic() - started
-        attempt.count_finished(task.name, Lane.DURABLE, state, duration)
         if state is RunState.SUCCESS:
             logger.info(
                 "run %s %s succeeded in %.3fs (attempt %d)", run_id, task.name, duration, number
@@ -353,8 +352,5 @@ class Executor:
             )
             return
         attempt.log_failure(logger, run_id, task.name, number, failure, wait, dead=True)
-        if wait is None:
-            duration = time.monotonic() - started
-            attempt.count_finished(task.name, Lane.DURABLE, RunState.FAILURE, duration)
-        elif republish:
+        if wait is not None and republish:
             self._republish(task, run_id, wait)
