@@ -3,7 +3,8 @@
 The lanes differ in where an attempt runs (a worker's thread or prefork child; the API's event
 loop, a thread or a CPU process) and where its outcome is kept (the ledger; the inline lane's
 memory). What an exception means, whether it earns another try and after how long, the error
-line, the log lines and the run metrics are decided here, once:
+line and the log lines are decided here, once (the inline lane's run metrics too; the durable
+lane counts in the ledger, in the write that ends the attempt):
 
 | the attempt | outcome | error line | another try |
 |---|---|---|---|
@@ -149,7 +150,8 @@ _run_metrics = metrics.RunMetrics()
 
 
 def count_finished(task: str, lane: str, state: str, duration_s: float | None) -> None:
-    """Count a run that reached a terminal state (`offload_runs_total`), and time its attempt."""
+    """Count an inline run that reached a terminal state (`offload_runs_total`), and time its
+    attempt, in this process."""
     _run_metrics.finished(task, lane, state, duration_s)
 
 
