@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Collection
 from datetime import datetime
@@ -10,6 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from tests.support import Scrape
 
 
 def defer(
@@ -49,12 +50,6 @@ def at(value: str) -> float:
 
 
 def metric(client: httpx.Client, name: str, **labels: str) -> float:
-    """The value of one sample on `/metrics` (0 when absent)."""
-    text = client.get("/metrics/").text
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.partition("}")[0]))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    """The samples named `name` on `/metrics` whose labels include `labels`, summed (0 when
+    absent)."""
+    return Scrape(client.get("/metrics/").text).value(name, **labels)

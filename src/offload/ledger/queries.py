@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 from offload.core.run import (
     ACTIVE_STATES,
     TERMINAL_STATES,
+    WAITING_STATES,
     Attempt,
     JSONValue,
     Lane,
@@ -462,6 +463,15 @@ def discard(conn: Connection, run_id: str) -> None:
     conn.execute(runs.delete().where(runs.c.id == run_id))
 
 
+def count_due_by_queue(conn: Connection, now: float) -> dict[str, int]:
+    """How many waiting runs are due and not started, per queue (a queue's depth)."""
+    counted = sa.select(runs.c.queue, sa.func.count().label("n"))
+    query = _matching(counted, RunFilter(states=tuple(WAITING_STATES))).where(
+        sa.func.coalesce(runs.c.next_attempt_at, 0.0) <= now
+    )
+    return {row.queue or "default": row.n for row in conn.execute(query.group_by(runs.c.queue))}
+
+
 def count_by_state(conn: Connection) -> dict[RunState, int]:
     """How many runs are in each state."""
     rows = conn.execute(sa.select(runs.c.state, sa.func.count()).group_by(runs.c.state))
@@ -889,6 +899,12 @@ def report_worker(
 def forget_worker(conn: Connection, worker_id: str) -> None:
     """A worker that stopped cleanly leaves the list."""
     conn.execute(workers.delete().where(workers.c.id == worker_id))
+
+
+def count_live_workers(conn: Connection, now: float, stale_after_s: float) -> int:
+    """Worker processes that reported within `stale_after_s` (alive, as `list_workers` says)."""
+    alive = sa.select(sa.func.count()).where(workers.c.heartbeat_at >= now - stale_after_s)
+    return int(conn.execute(alive).scalar_one())
 
 
 def list_workers(

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 
 from offload.core.run import RunState
 from offload.ledger.prepared import Prepared
-from offload.ledger.schema import run_stats, runs, workers
+from offload.ledger.schema import run_stats
 from offload.metrics import DURATION_BUCKETS, WAIT_BUCKETS, bucket_of
 
 RUN = "run"
@@ -71,31 +71,26 @@ def count_ended(conn: Connection, task: str, state: RunState, duration_s: float 
     _tally(conn, RUN, task, state.value, bucket_of(DURATION_BUCKETS, duration_s), duration_s)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Histogram:
     """One task's histogram: counts per bucket (not cumulative; the last is +Inf) and sum."""
 
     counts: list[int]
-    sum: float
+    sum: float = 0.0
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """What `/metrics` shows of the durable lane, read in one transaction."""
+class Counts:
+    """The durable lane's counters, summed over their shards."""
 
     runs: dict[tuple[str, str], int]  # (task, state) -> runs ended
     durations: dict[str, Histogram]  # task -> its last attempts' durations
     waits: dict[str, Histogram]  # task -> attempts' time in queue
-    depths: dict[str, int]  # queue -> runs due and not started
-    dead: dict[str, int]  # task -> dead runs kept
-    workers: int  # worker processes that reported within the stale bound
 
 
-def snapshot(conn: Connection, now: float, stale_after_s: float) -> Snapshot:
-    """Every durable-lane series at once; each is a small grouped read (indexes on state)."""
-    counted: dict[tuple[str, str], int] = {}
-    durations: dict[str, Histogram] = {}
-    waits: dict[str, Histogram] = {}
+def read(conn: Connection) -> Counts:
+    """Every counter, in one grouped read of a table of a few rows per task."""
+    counts = Counts(runs={}, durations={}, waits={})
     grouped = sa.select(
         run_stats.c.series,
         run_stats.c.task,
@@ -106,26 +101,13 @@ def snapshot(conn: Connection, now: float, stale_after_s: float) -> Snapshot:
     ).group_by(run_stats.c.series, run_stats.c.task, run_stats.c.state, run_stats.c.bucket)
     for series, task, state, bucket, count, seconds in conn.execute(grouped):
         if series == RUN:
-            counted[(task, state)] = counted.get((task, state), 0) + count
+            counts.runs[(task, state)] = counts.runs.get((task, state), 0) + count
         if bucket == UNTIMED:
             continue
-        into, bounds = (durations, DURATION_BUCKETS) if series == RUN else (waits, WAIT_BUCKETS)
-        found = into.get(task) or Histogram([0] * (len(bounds) + 1), 0.0)
+        into, bounds = (
+            (counts.durations, DURATION_BUCKETS) if series == RUN else (counts.waits, WAIT_BUCKETS)
+        )
+        found = into.setdefault(task, Histogram([0] * (len(bounds) + 1)))
         found.counts[bucket] += count
-        into[task] = Histogram(found.counts, found.sum + seconds)
-    waiting = (RunState.PENDING.value, RunState.RETRY.value)
-    due = sa.select(runs.c.queue, sa.func.count()).where(
-        runs.c.state.in_(waiting), sa.func.coalesce(runs.c.next_attempt_at, 0.0) <= now
-    )
-    dead = sa.select(runs.c.task, sa.func.count().label("n")).where(
-        runs.c.state == RunState.FAILURE.value, runs.c.dead
-    )
-    alive = sa.select(sa.func.count()).where(workers.c.heartbeat_at >= now - stale_after_s)
-    return Snapshot(
-        runs=counted,
-        durations=durations,
-        waits=waits,
-        depths={q or "default": n for q, n in conn.execute(due.group_by(runs.c.queue))},
-        dead={row.task: row.n for row in conn.execute(dead.group_by(runs.c.task))},
-        workers=conn.execute(alive).scalar_one(),
-    )
+        found.sum += seconds
+    return counts

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
@@ -22,15 +23,26 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.samples import Sample
 
-from offload.core.run import Lane
+from offload.core.run import Lane, RunFilter, RunState
 from offload.errors import LedgerError
-from offload.ledger import stats
+from offload.ledger import queries, stats
 from offload.ledger.database import Ledger
 from offload.metrics import DURATION_BUCKETS, WAIT_BUCKETS
 
 logger = logging.getLogger("offload.metrics")
 
 DURABLE = Lane.DURABLE.value
+DEAD = RunFilter(states=(RunState.FAILURE,), dead=True)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What `/metrics` shows of the durable lane, read in one transaction."""
+
+    counts: stats.Counts
+    depths: dict[str, int]  # queue -> runs due and not started
+    dead: dict[str, int]  # task -> dead runs kept
+    workers: int  # worker processes that reported within the stale bound
 
 
 def _buckets(
@@ -46,6 +58,13 @@ def _buckets(
     yield Sample(f"{name}_sum", labels, found.sum)
 
 
+def _gauge(name: str, documentation: str, label: str, values: Mapping[str, int]) -> Metric:
+    gauge = GaugeMetricFamily(name, documentation, labels=[label])
+    for value, count in sorted(values.items()):
+        gauge.add_metric([value], count)
+    return gauge
+
+
 class LedgerCollector:
     """This process's families, with the ledger's durable-lane series joined in."""
 
@@ -53,11 +72,18 @@ class LedgerCollector:
         self.ledger = ledger
         self.stale_after_s = stale_after_s
 
-    def _snapshot(self) -> stats.Snapshot | None:
+    def _read(self, conn: Any) -> Snapshot:
+        now = self.ledger.clock()
+        return Snapshot(
+            counts=stats.read(conn),
+            depths=queries.count_due_by_queue(conn, now),
+            dead=queries.count_by_task(conn, DEAD),
+            workers=queries.count_live_workers(conn, now, self.stale_after_s),
+        )
+
+    def _snapshot(self) -> Snapshot | None:
         try:
-            return self.ledger.read(
-                lambda conn: stats.snapshot(conn, self.ledger.clock(), self.stale_after_s)
-            )
+            return self.ledger.read(self._read)
         except LedgerError:
             logger.warning("/metrics: the ledger cannot be read", exc_info=True)
             return None
@@ -68,10 +94,10 @@ class LedgerCollector:
             if snap is not None and family.name == "offload_runs":
                 family.samples.extend(
                     Sample("offload_runs_total", {"task": t, "lane": DURABLE, "state": s}, n)
-                    for (t, s), n in sorted(snap.runs.items())
+                    for (t, s), n in sorted(snap.counts.runs.items())
                 )
             elif snap is not None and family.name == "offload_run_duration_seconds":
-                for task, found in sorted(snap.durations.items()):
+                for task, found in sorted(snap.counts.durations.items()):
                     labels = {"task": task, "lane": DURABLE}
                     family.samples.extend(_buckets(family.name, labels, DURATION_BUCKETS, found))
             yield family
@@ -85,25 +111,21 @@ class LedgerCollector:
             "Time a durable attempt waited in its queue, from when it was due to its start.",
             labels=["task"],
         )
-        for task, found in sorted(snap.waits.items()):
+        for task, found in sorted(snap.counts.waits.items()):
             wait.samples.extend(_buckets(wait.name, {"task": task}, WAIT_BUCKETS, found))
         yield wait
-        depth = GaugeMetricFamily(
+        yield _gauge(
             "offload_queue_depth",
             "Durable runs due and not started, by the queue they wait in.",
-            labels=["queue"],
+            "queue",
+            snap.depths,
         )
-        for queue, count in sorted(snap.depths.items()):
-            depth.add_metric([queue], count)
-        yield depth
-        dead = GaugeMetricFamily(
+        yield _gauge(
             "offload_dead_runs",
             "Dead runs kept in the ledger (the dead-letter queue), by task.",
-            labels=["task"],
+            "task",
+            snap.dead,
         )
-        for task, count in sorted(snap.dead.items()):
-            dead.add_metric([task], count)
-        yield dead
         yield GaugeMetricFamily(
             "offload_workers",
             "Worker processes that reported to the ledger within the stale bound.",
