@@ -1,8 +1,11 @@
-"""SQLite writes that queue up behind another commit together, and fail alone."""
+"""SQLite writes that queue up behind another commit together, and fail alone; a new ledger
+opened while another process holds its lock waits for it."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -89,3 +92,21 @@ def test_a_failing_write_fails_only_its_own_caller(ledger: Ledger) -> None:
     assert isinstance(outcomes["x"], ValueError)
     assert "x" not in keys(ledger)  # nothing half-written
     assert {"a", "b"} <= keys(ledger)
+
+
+def test_a_new_ledger_waits_for_a_process_that_holds_its_lock(tmp_path: Path) -> None:
+    # API and workers starting together on a new file: one switches it to WAL or creates the
+    # tables while the others connect. They used to fail at once with "database is locked".
+    path = tmp_path / "ledger.sqlite"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.3, other.rollback).start()
+    ledger = Ledger(f"sqlite:///{path}")
+    began = time.monotonic()
+    try:
+        ledger.write(put("after-the-lock"))
+        assert time.monotonic() - began >= 0.25  # it waited for the holder, then went on
+        assert "after-the-lock" in keys(ledger)
+    finally:
+        ledger.dispose()
+        other.close()

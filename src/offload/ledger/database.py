@@ -48,8 +48,9 @@ def _engine_url(url: str) -> sa.URL:
     return parsed
 
 
-def _begin_when_free(dbapi_connection: Any, begin: str, timeout_s: float) -> None:
-    """`BEGIN ...`, retried with short sleeps while another process holds the write lock.
+def _when_free(dbapi_connection: Any, statement: str, timeout_s: float) -> None:
+    """`statement` (a `BEGIN ...`, or a pragma that takes the lock), retried with short sleeps
+    while another process holds the write lock.
 
     Straight on the driver's connection: going through SQLAlchemy, and its wrapping of every
     "database is locked", cost more than the statement.
@@ -58,7 +59,7 @@ def _begin_when_free(dbapi_connection: Any, begin: str, timeout_s: float) -> Non
     pause = 20e-6
     while True:
         try:
-            dbapi_connection.execute(begin)
+            dbapi_connection.execute(statement)
             return
         except sqlite3.OperationalError as exc:
             waited = time.monotonic() - began
@@ -149,8 +150,10 @@ class Ledger:
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
             # Let SQLAlchemy's BEGIN below decide transactions, not pysqlite's guesses.
             dbapi_connection.isolation_level = None
+            # Switching to WAL takes the lock too: processes opening a new ledger together
+            # (API and workers at first start) would see "database is locked" at once.
+            _when_free(dbapi_connection, "PRAGMA journal_mode=WAL", self.busy_timeout_s)
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
@@ -158,9 +161,7 @@ class Ledger:
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
             mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
-            _begin_when_free(
-                conn.connection.driver_connection, f"BEGIN {mode}", self.busy_timeout_s
-            )
+            _when_free(conn.connection.driver_connection, f"BEGIN {mode}", self.busy_timeout_s)
 
         return engine
 
