@@ -171,18 +171,20 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 
 @dataclass
 class WorkerProcess:
-    """`offload worker SPEC` as a real subprocess; stopped (or killed) by the test."""
+    """`offload worker SPEC` (or `offload beat SPEC`) as a real subprocess; stopped (or
+    killed) by the test."""
 
     spec: str
     env: dict[str, str]
     log_path: Path
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
+    command: str = "worker"  #: or "beat"
 
     def start(self) -> WorkerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "offload.cli", "worker", self.spec, "-v", *self.extra_args],
+            [sys.executable, "-m", "offload.cli", self.command, self.spec, "-v", *self.extra_args],
             env={**os.environ, **self.env, "PYTHONPATH": str(ROOT)},
             cwd=ROOT,
             stdout=log,

@@ -25,6 +25,9 @@ from offload.core.run import RunPage as RunPage
 from offload.core.run import RunState as RunState
 from offload.core.run import RunStatus as RunStatus
 from offload.core.run import WorkerStatus as WorkerStatus
+from offload.core.schedule import Schedule as Schedule
+from offload.core.schedule import SchedulerLease as SchedulerLease
+from offload.core.schedule import ScheduleStatus as ScheduleStatus
 from offload.core.task import Backoff as Backoff
 from offload.core.task import Task as Task
 from offload.core.task import Timeout as Timeout
@@ -39,6 +42,7 @@ from offload.errors import Retry as Retry
 from offload.errors import RunFailedError as RunFailedError
 from offload.errors import RunNotFoundError as RunNotFoundError
 from offload.errors import RunStateError as RunStateError
+from offload.errors import ScheduleNotFoundError as ScheduleNotFoundError
 from offload.errors import TaskArgumentsError as TaskArgumentsError
 from offload.errors import TaskCancelledError as TaskCancelledError
 from offload.errors import TaskDefinitionError as TaskDefinitionError
@@ -69,6 +73,10 @@ __all__ = [
     "RunState",
     "RunStateError",
     "RunStatus",
+    "Schedule",
+    "ScheduleNotFoundError",
+    "ScheduleStatus",
+    "SchedulerLease",
     "Settings",
     "Task",
     "TaskArgumentsError",

@@ -11,6 +11,7 @@ import functools
 import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
@@ -24,10 +25,17 @@ from offload.core.run import (
     WorkerStatus,
     new_run_id,
 )
+from offload.core.schedule import CatchUp, Schedule, SchedulerLease, ScheduleStatus
 from offload.core.task import Backoff, Call, Policy, Task, Timeout
 from offload.core.threads import BlockingCalls
-from offload.errors import ConfigurationError, RunStateError, TaskDefinitionError
+from offload.errors import (
+    ConfigurationError,
+    RunStateError,
+    ScheduleNotFoundError,
+    TaskDefinitionError,
+)
 from offload.ledger import Ledger, queries, retention
+from offload.ledger import schedules as ledger_schedules
 from offload.settings import Settings
 
 if TYPE_CHECKING:
@@ -39,6 +47,7 @@ if TYPE_CHECKING:
 
     from offload.core.context import TaskContext
     from offload.lanes.durable.lane import DurableLane
+    from offload.lanes.durable.scheduler import Scheduler
     from offload.lanes.inline.lane import InlineLane
     from offload.web.admin import AdminAuthorize
     from offload.web.api import Authorize
@@ -84,6 +93,7 @@ class Offload:
             settings.resolved_ledger_url, clock=clock, busy_timeout_s=settings.ledger_busy_timeout_s
         )
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self.schedules: dict[str, Schedule] = {}
         self._blocking = BlockingCalls()
         self._dispatch = _Dispatch(self, self._blocking)
         self._durable: DurableLane | None = None
@@ -183,6 +193,186 @@ class Offload:
             # A spilling inline task must also be known to workers, which run its overflow.
             self.durable.register(task)
         return task
+
+    # --- schedules -------------------------------------------------------------------------
+
+    def periodic(
+        self,
+        *,
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        timezone: str = "UTC",
+        args: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        catch_up: CatchUp = "once",
+        max_catch_up: int = 100,
+    ) -> Callable[[Task[P, R]], Task[P, R]]:
+        """Run a durable task on a schedule: `@jobs.periodic(cron="0 3 * * *",
+        timezone="Europe/Paris")` or `@jobs.periodic(every=timedelta(minutes=5))`, above
+        `@jobs.task(...)` (or on a plain function, declared as a task with the default policy).
+        The arguments are `schedule()`'s; returns the task.
+        """
+
+        def decorate(target: Task[P, R]) -> Task[P, R]:
+            task = target if isinstance(target, Task) else self.task(target)
+            self.schedule(
+                task,
+                cron=cron,
+                every=every,
+                timezone=timezone,
+                args=args,
+                name=name,
+                catch_up=catch_up,
+                max_catch_up=max_catch_up,
+            )
+            return task
+
+        return decorate
+
+    def schedule(
+        self,
+        task: Task[Any, Any],
+        *,
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        timezone: str = "UTC",
+        args: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        catch_up: CatchUp = "once",
+        max_catch_up: int = 100,
+    ) -> Schedule:
+        """Declare a schedule of a durable task; several may run one task with other `args`.
+
+        - `cron`: five fields, read on the wall clock of `timezone` (an IANA name); a fire in
+          an hour the clock skips runs once at the first minute that exists, an hour the clock
+          repeats fires once. Or `every`: whole seconds (or a timedelta), aligned to the epoch.
+        - `args`: the task's arguments, validated now (`TaskArgumentsError` names a bad one).
+        - `name`: unique (default: the task's name).
+        - `catch_up`: what fires missed while no scheduler ran become: `"once"` (one run now),
+          `"skip"` (none, unless the latest is at most a minute late), `"all"` (one each, at
+          most `max_catch_up`, the latest).
+        Schedules fire while a scheduler runs: `offload serve` starts one, `offload beat`
+        runs one on its own; several may run (one fires, the others stand by).
+        """
+        if self.tasks.get(task.name) is not task:
+            raise TaskDefinitionError(f"{task.name!r} is not a task of this app: declare it first")
+        if task.policy.lane is not Lane.DURABLE:
+            raise TaskDefinitionError(
+                f"schedule of {task.name!r}: schedules run durable tasks (this one is inline)"
+            )
+        name = name or task.name
+        if name in self.schedules:
+            raise TaskDefinitionError(
+                f"schedule {name!r} is already declared; give the second one name='...'"
+            )
+        every_s = every.total_seconds() if isinstance(every, timedelta) else every
+        if every_s is not None and every_s != int(every_s):
+            raise TaskDefinitionError(f"schedule {name!r}: every= takes whole seconds")
+        call = task.prepare((), dict(args or {}))
+        schedule = Schedule(
+            name=name,
+            task=task.name,
+            args=call.kwargs,
+            cron=cron,
+            every_s=None if every_s is None else int(every_s),
+            timezone=timezone,
+            catch_up=catch_up,
+            max_catch_up=max_catch_up,
+        )
+        self.schedules[name] = schedule
+        return schedule
+
+    def scheduler(self) -> Scheduler:
+        """A scheduler for this app's schedules (`offload beat` and `offload serve` run one)."""
+        from offload.lanes.durable.scheduler import Scheduler
+
+        return Scheduler(
+            self.ledger,
+            self.schedules,
+            self.tasks,
+            self.durable.publisher.publish,
+            lease_s=self.settings.scheduler_lease_s,
+            clock=self.clock,
+        )
+
+    def list_schedules_sync(self) -> list[ScheduleStatus]:
+        """Every schedule with its next fire and last run: the ledger's, and those declared
+        here that no scheduler has recorded yet."""
+        known = self.ledger.read(ledger_schedules.list_statuses)
+        now = self.clock()
+        recorded = {status.name for status in known}
+        for schedule in self.schedules.values():
+            if schedule.name not in recorded:
+                known.append(
+                    ScheduleStatus(
+                        name=schedule.name,
+                        task=schedule.task,
+                        spec=schedule.spec,
+                        args=schedule.args,
+                        catch_up=schedule.catch_up,
+                        paused=False,
+                        next_fire_at=_utc(schedule.next_fire(now)),
+                        last_fire_at=None,
+                        last_run_id=None,
+                        last_run_state=None,
+                    )
+                )
+        return sorted(known, key=lambda status: status.name)
+
+    async def list_schedules(self) -> list[ScheduleStatus]:
+        """Async twin of `list_schedules_sync()`."""
+        return await self._blocking.run(self.list_schedules_sync)
+
+    def pause_schedule_sync(self, name: str) -> ScheduleStatus:
+        """Stop a schedule firing until it is resumed. Raises `ScheduleNotFoundError`."""
+        return self._set_paused(name, True)
+
+    async def pause_schedule(self, name: str) -> ScheduleStatus:
+        """Async twin of `pause_schedule_sync()`."""
+        return await self._blocking.run(self._set_paused, name, True)
+
+    def resume_schedule_sync(self, name: str) -> ScheduleStatus:
+        """Let a paused schedule fire again, from its next fire time (missed fires are not
+        caught up). Raises `ScheduleNotFoundError`."""
+        return self._set_paused(name, False)
+
+    async def resume_schedule(self, name: str) -> ScheduleStatus:
+        """Async twin of `resume_schedule_sync()`."""
+        return await self._blocking.run(self._set_paused, name, False)
+
+    def _set_paused(self, name: str, paused: bool) -> ScheduleStatus:
+        declared = self.schedules.get(name)
+
+        def write(conn: Any) -> ScheduleStatus:
+            if declared is not None:
+                ledger_schedules.ensure(conn, declared, self.clock())
+            return ledger_schedules.set_paused(conn, name, paused, self.clock())
+
+        return self.ledger.write(write)
+
+    def run_schedule_now_sync(self, name: str) -> RunHandle[Any]:
+        """Fire a schedule now, besides its timing; a run like its other fires. Needs the
+        schedule declared in this app (it publishes). Raises `ScheduleNotFoundError`."""
+        if name not in self.schedules:
+            known = {s.name for s in self.ledger.read(ledger_schedules.list_statuses)}
+            if name in known:
+                raise ConfigurationError(
+                    f"schedule {name!r} is not declared in this app: running it publishes, so "
+                    "it needs the app that declares it (CLI: --app MODULE:jobs or OFFLOAD_APP)"
+                )
+            raise ScheduleNotFoundError(name, sorted(known | set(self.schedules)))
+        self.ledger.write(
+            lambda conn: ledger_schedules.ensure(conn, self.schedules[name], self.clock())
+        )
+        return RunHandle(self, self.scheduler().run_now(name))
+
+    async def run_schedule_now(self, name: str) -> RunHandle[Any]:
+        """Async twin of `run_schedule_now_sync()`."""
+        return await self._blocking.run(self.run_schedule_now_sync, name)
+
+    def scheduler_lease_sync(self) -> SchedulerLease | None:
+        """Which scheduler fires the schedules now, and until when its lease runs."""
+        return self.ledger.read(ledger_schedules.get_lease)
 
     # --- lanes -----------------------------------------------------------------------------
 
@@ -546,6 +736,10 @@ class Offload:
         if self._durable is not None:
             self._durable.close()
         self.ledger.dispose()
+
+
+def _utc(moment: float) -> datetime:
+    return datetime.fromtimestamp(moment, UTC)
 
 
 def _undeclared(names: Sequence[str]) -> ConfigurationError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import sys
 import textwrap
 import threading
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from offload.core.run import TERMINAL_STATES, RunDetail, RunFilter, RunState, RunStatus
+from offload.core.schedule import ScheduleStatus
 from offload.errors import OffloadError
 
 if TYPE_CHECKING:
@@ -40,6 +42,11 @@ dlq_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(dlq_app, name="dlq")
+schedules_app = typer.Typer(
+    help="Schedules: list them with their next fire and last run; pause, resume, run now.",
+    no_args_is_help=True,
+)
+app.add_typer(schedules_app, name="schedules")
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log more; show tracebacks.")]
 
@@ -132,9 +139,14 @@ def serve(
         bool,
         typer.Option(help="Start a low-priority worker beside the API (one per data directory)."),
     ] = True,
+    scheduler: Annotated[
+        bool,
+        typer.Option(help="Fire the app's schedules (several processes may: one fires)."),
+    ] = True,
     verbose: Verbose = False,
 ) -> None:
-    """Run the API with uvicorn plus an embedded worker: one command, no services needed.
+    """Run the API with uvicorn plus an embedded worker and the scheduler: one command, no
+    services needed.
 
     With no OFFLOAD_BROKER_URL the durable lane uses SQLite files in OFFLOAD_DATA_DIR
     (./offload-data). Several `offload serve` processes on one data directory start one
@@ -169,12 +181,57 @@ def serve(
                 "offload serve: another process runs the embedded worker for "
                 f"{jobs.settings.data_dir}; not starting a second one"
             )
+        beat = jobs.scheduler() if scheduler and jobs.schedules else None
+        if beat is not None:
+            beat.start()
+            typer.echo(f"offload serve: scheduler for {len(jobs.schedules)} schedule(s)")
         try:
             uvicorn.run(spec, host=host, port=port, log_level="info" if verbose else "warning")
         finally:
+            if beat is not None:
+                beat.stop()
             if supervisor is not None:
                 stop.set()
                 supervisor.stop()
+
+
+@app.command()
+def beat(
+    spec: Annotated[
+        str,
+        typer.Argument(help="The Offload instance: MODULE:ATTRIBUTE, e.g. myapp.main:jobs."),
+    ],
+    verbose: Verbose = False,
+) -> None:
+    """Run the scheduler: fire the app's schedules as durable runs until SIGTERM or Ctrl-C.
+
+    Run one wherever convenient, or several for failover: the one holding the ledger's lease
+    fires, the others stand by and take over within OFFLOAD_SCHEDULER_LEASE_S (10 s) + 1 s
+    of it dying (at once if it ran on the same machine).
+    """
+    from offload.worker import load_offload
+
+    _setup_logging(verbose)
+    logging.getLogger("offload.scheduler").setLevel(logging.INFO)
+    try:
+        jobs = load_offload(spec)
+        jobs.ledger.ensure_schema()
+    except OffloadError as exc:
+        raise _fail(exc, verbose) from None
+    if not jobs.schedules:
+        typer.secho(
+            f"error: {spec} declares no schedules; add @jobs.periodic(cron=...) to a task",
+            err=True,
+            fg=typer.colors.RED,
+        )
+        raise typer.Exit(1)
+    runner = jobs.scheduler()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    names = ", ".join(sorted(jobs.schedules))
+    typer.echo(f"offload beat {runner.identity}: {len(jobs.schedules)} schedule(s) [{names}]")
+    runner.run_forever(stop)
 
 
 LedgerUrl = Annotated[
@@ -333,6 +390,7 @@ def runs_list(
     queue: Annotated[str | None, typer.Option(help="Only runs of this queue.")] = None,
     dead: Annotated[bool, typer.Option("--dead", help="Only dead runs.")] = False,
     error: ErrorText = None,
+    schedule: Annotated[str | None, typer.Option(help="Only fires of this schedule.")] = None,
     since: Since = None,
     until: Until = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 20,
@@ -347,6 +405,7 @@ def runs_list(
         queue=queue,
         dead=dead or None,
         error=error,
+        schedule=schedule,
         created_after=_utc(since),
         created_before=_utc(until),
     )
@@ -606,6 +665,116 @@ def dlq_purge(
         update={"replayed": True if replayed else None}
     )
     _purge(where, ledger_url, as_json, verbose)
+
+
+# --- schedules ---------------------------------------------------------------------------------
+
+ScheduleName = Annotated[str, typer.Argument(help="The schedule's name (offload schedules list).")]
+
+
+def _print_schedules(found: list[ScheduleStatus], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps([s.model_dump(mode="json") for s in found], indent=2))
+        return
+    typer.echo(f"{'name':<24} {'when':<32} {'next fire (UTC)':<19}  {'last fire':<19}  last run")
+    for status in found:
+        upcoming = "paused" if status.paused else f"{status.next_fire_at:%Y-%m-%d %H:%M:%S}"
+        last = f"{status.last_fire_at:%Y-%m-%d %H:%M:%S}" if status.last_fire_at else "never"
+        state = status.last_run_state.value if status.last_run_state else ""
+        run = f"{status.last_run_id or ''} {state}".strip()
+        typer.echo(f"{status.name:<24} {status.spec:<32} {upcoming:<19}  {last:<19}  {run}")
+
+
+@schedules_app.command("list")
+def schedules_list(
+    ledger_url: LedgerUrl = None,
+    app_spec: AppSpec = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """List schedules: when each fires next, its last fire and that run's state; and which
+    scheduler holds the lease."""
+    try:
+        jobs = _offload(ledger_url, app_spec)
+        found = jobs.list_schedules_sync()
+        lease = jobs.scheduler_lease_sync()
+    except OffloadError as exc:
+        raise _fail(exc, verbose) from None
+    _print_schedules(found, as_json)
+    if as_json:
+        return
+    if not found:
+        typer.echo("no schedules; declare one with @jobs.periodic(cron=...) and pass --app")
+    if lease is None or lease.expires_at.timestamp() < jobs.clock():
+        typer.echo("no scheduler is running: start offload serve or offload beat MODULE:jobs")
+    else:
+        typer.echo(f"fired by scheduler {lease.holder} (lease until {lease.expires_at:%H:%M:%S})")
+
+
+def _set_paused(
+    name: str,
+    paused: bool,
+    ledger_url: str | None,
+    app_spec: str | None,
+    as_json: bool,
+    verbose: bool,
+) -> None:
+    try:
+        jobs = _offload(ledger_url, app_spec)
+        status = jobs.pause_schedule_sync(name) if paused else jobs.resume_schedule_sync(name)
+    except OffloadError as exc:
+        raise _fail(exc, verbose) from None
+    _print_schedules([status], as_json)
+
+
+@schedules_app.command("pause")
+def schedules_pause(
+    name: ScheduleName,
+    ledger_url: LedgerUrl = None,
+    app_spec: AppSpec = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """Stop a schedule firing until it is resumed (survives restarts and deploys)."""
+    _set_paused(name, True, ledger_url, app_spec, as_json, verbose)
+
+
+@schedules_app.command("resume")
+def schedules_resume(
+    name: ScheduleName,
+    ledger_url: LedgerUrl = None,
+    app_spec: AppSpec = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """Let a paused schedule fire again from its next fire time (missed fires do not run)."""
+    _set_paused(name, False, ledger_url, app_spec, as_json, verbose)
+
+
+@schedules_app.command("run-now")
+def schedules_run_now(
+    name: ScheduleName,
+    app_spec: AppSpec = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """Fire a schedule now, besides its timing: a run like its other fires."""
+    if app_spec is None:
+        raise typer.BadParameter(
+            "running a schedule publishes a run of its task: pass --app MODULE:ATTRIBUTE "
+            "(e.g. --app myapp.main:jobs) or set OFFLOAD_APP",
+            param_hint="--app",
+        )
+    try:
+        jobs = _offload(None, app_spec)
+        handle = jobs.run_schedule_now_sync(name)
+        status = jobs.status_sync(handle.id)
+    except OffloadError as exc:
+        raise _fail(exc, verbose) from None
+    if as_json:
+        typer.echo(status.model_dump_json(indent=2))
+    else:
+        typer.echo(f"schedule {name} fired now as run {handle.id}")
 
 
 @app.command()

@@ -9,6 +9,7 @@ OffloadError
 ├── BrokerUnavailableError      the broker did not accept a message in time
 ├── LedgerError                 the ledger database failed or is unreachable
 ├── RunNotFoundError            no run has that id (also a LookupError)
+├── ScheduleNotFoundError       no schedule has that name (also a LookupError)
 ├── ResultTimeoutError          result(timeout=) ran out first (also a TimeoutError)
 ├── RunFailedError              the run ended in FAILURE or CANCELLED; result() raises it
 ├── LaneFullError               the inline lane's backlog is full
@@ -86,6 +87,15 @@ class RunNotFoundError(OffloadError, LookupError):
     def __init__(self, run_id: str) -> None:
         super().__init__(f"No run with id {run_id!r}")
         self.run_id = run_id
+
+
+class ScheduleNotFoundError(OffloadError, LookupError):
+    """Raised when no schedule has the given name in the ledger."""
+
+    def __init__(self, name: str, known: Sequence[str] = ()) -> None:
+        hint = f"; known: {', '.join(sorted(known))}" if known else "; none is declared yet"
+        super().__init__(f"No schedule named {name!r}{hint}")
+        self.name = name
 
 
 class RunStateError(OffloadError):

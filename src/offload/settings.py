@@ -47,6 +47,7 @@ class Settings(BaseModel):
     | `retention_s` | 604800 (7 days) | workers delete finished runs this old (0: keep forever) |
     | `dead_retention_s` | 2592000 (30 days) | ... and dead runs this old (0: keep forever) |
     | `retention_interval_s` | 60 | how often a worker looks for runs to delete |
+    | `scheduler_lease_s` | 10 | a scheduler that stops renewing its lease loses it this late |
     | `worker_processes` | 2 | consumer processes for I/O tasks (threads inside each) |
     | `worker_threads` | 4 | threads per I/O consumer process |
     | `worker_cpu_processes` | number of cores | prefork processes for `cpu_bound` tasks |
@@ -79,6 +80,7 @@ class Settings(BaseModel):
     retention_s: float = Field(default=7 * 86400.0, ge=0)
     dead_retention_s: float = Field(default=30 * 86400.0, ge=0)
     retention_interval_s: float = Field(default=60.0, gt=0)
+    scheduler_lease_s: float = Field(default=10.0, ge=2)
     worker_processes: int = Field(default=2, ge=1)
     worker_threads: int = Field(default=4, ge=1)
     worker_cpu_processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)

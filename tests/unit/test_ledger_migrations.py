@@ -21,9 +21,14 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 def as_version_1(url: str) -> None:
-    """Take back what versions 2 and 3 added, as a ledger of offload 0.1 had it."""
+    """Take back what versions 2 to 4 added, as a ledger of offload 0.1 had it."""
     engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
     with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE offload_schedules"))
+        conn.execute(sa.text("DROP TABLE offload_leases"))
+        conn.execute(sa.text("DROP INDEX uq_offload_runs_fire"))
+        conn.execute(sa.text("ALTER TABLE offload_runs DROP COLUMN schedule"))
+        conn.execute(sa.text("ALTER TABLE offload_runs DROP COLUMN scheduled_for"))
         conn.execute(sa.text("DROP TABLE offload_run_stats"))
         conn.execute(sa.text("DROP INDEX ix_offload_runs_finished"))
         conn.execute(sa.text("ALTER TABLE offload_runs DROP COLUMN replay_of"))
@@ -63,5 +68,14 @@ def test_a_version_1_ledger_is_upgraded_and_keeps_its_runs(url: str, tmp_path: P
         assert [r.id for r in jobs.list_runs_sync(RunFilter(task="charge")).runs] == [kept.id]
         jobs.cancel_sync(kept.id)  # writes version 3's counters table too
         assert jobs.status_sync(kept.id).state is RunState.CANCELLED
+
+        @jobs.task
+        def nightly() -> None: ...
+
+        jobs.schedule(nightly, every=3600)
+        jobs.scheduler().tick()  # version 4's schedules and lease
+        fired = jobs.run_schedule_now_sync("nightly")
+        assert jobs.status_sync(fired.id).schedule == "nightly"
+        assert [s.last_run_id for s in jobs.list_schedules_sync()] == [fired.id]
     finally:
         jobs.close()

@@ -128,6 +128,8 @@ class RunStatus(BaseModel):
     finished_at: datetime | None
     replay_of: str | None = None  #: the failed or cancelled run this one replays
     replayed_by: str | None = None  #: the run that replays this one
+    schedule: str | None = None  #: the schedule that fired this run
+    scheduled_for: datetime | None = None  #: the fire time it is the run of
 
     @property
     def is_terminal(self) -> bool:
@@ -152,6 +154,7 @@ class RunFilter(BaseModel):
     error: str | None = None
     error_type: str | None = None
     replayed: bool | None = None
+    schedule: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
     finished_before: datetime | None = None
@@ -178,6 +181,7 @@ class RunFilter(BaseModel):
                 or error.startswith(f"{self.error_type}:")
             )
             and (self.replayed is None or (status.replayed_by is not None) == self.replayed)
+            and (self.schedule is None or status.schedule == self.schedule)
             and (self.created_after is None or status.created_at >= self.created_after)
             and (self.created_before is None or status.created_at < self.created_before)
             and (

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from offload.errors import LedgerError
-from offload.ledger.schema import FINISHED_INDEX, run_stats
+from offload.ledger.schema import FINISHED_INDEX, FIRE_INDEX, leases, run_stats, schedules
 
 
 def _replays_and_retention(conn: Connection) -> None:
@@ -28,7 +28,20 @@ def _run_stats(conn: Connection) -> None:
     run_stats.create(conn)
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _replays_and_retention, 3: _run_stats}
+def _schedules(conn: Connection) -> None:
+    """Version 4: schedules, the scheduler's lease, and runs that name the fire they are."""
+    conn.execute(sa.text("ALTER TABLE offload_runs ADD COLUMN schedule VARCHAR(200)"))
+    conn.execute(sa.text("ALTER TABLE offload_runs ADD COLUMN scheduled_for FLOAT"))
+    FIRE_INDEX.create(conn)
+    schedules.create(conn)
+    leases.create(conn)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    2: _replays_and_retention,
+    3: _run_stats,
+    4: _schedules,
+}
 """target version -> function that upgrades from the version before it."""
 
 

@@ -121,6 +121,8 @@ class NewRun:
     idempotency_key: str | None
     next_attempt_at: float | None = None
     replay_of: str | None = None
+    schedule: str | None = None
+    scheduled_for: float | None = None
 
 
 # --- deferring -------------------------------------------------------------------------------
@@ -171,6 +173,8 @@ def insert_runs(conn: Connection, new: Sequence[NewRun], now: float) -> list[tup
                 "idempotency_key": n.idempotency_key,
                 "next_attempt_at": n.next_attempt_at,
                 "replay_of": n.replay_of,
+                "schedule": n.schedule,
+                "scheduled_for": n.scheduled_for,
                 "created_at": now,
                 "updated_at": now,
             }
@@ -210,6 +214,8 @@ def _status(row: Any) -> RunStatus:
         finished_at=_dt(row.finished_at),
         replay_of=row.replay_of,
         replayed_by=row.replayed_by,
+        schedule=row.schedule,
+        scheduled_for=_dt(row.scheduled_for),
     )
 
 
@@ -306,6 +312,8 @@ def _matching(query: Any, where: RunFilter) -> Any:
     if where.replayed is not None:
         replayed = runs.c.replayed_by.is_not(None)
         query = query.where(replayed if where.replayed else sa.not_(replayed))
+    if where.schedule is not None:
+        query = query.where(runs.c.schedule == where.schedule)
     if where.created_after is not None:
         query = query.where(runs.c.created_at >= _ts(where.created_after))
     if where.created_before is not None:

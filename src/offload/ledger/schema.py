@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bump with a migration in `migrations.py` whenever a table below changes."""
 
 metadata = sa.MetaData()
@@ -58,6 +58,9 @@ runs = sa.Table(
     # A replay is a new run: it names the run it replays, and that run names its replay.
     sa.Column("replay_of", sa.String(64)),
     sa.Column("replayed_by", sa.String(64)),
+    # A schedule's fire: which schedule, and the fire time it is the one run of.
+    sa.Column("schedule", sa.String(200)),
+    sa.Column("scheduled_for", sa.Float),
     sa.UniqueConstraint("task", "idempotency_key", name="uq_offload_runs_idempotency"),
 )
 sa.Index("ix_offload_runs_created", runs.c.created_at, runs.c.id)
@@ -65,6 +68,8 @@ sa.Index("ix_offload_runs_state", runs.c.state, runs.c.created_at)
 sa.Index("ix_offload_runs_task", runs.c.task, runs.c.created_at)
 # Retention deletes the oldest finished runs first.
 FINISHED_INDEX = sa.Index("ix_offload_runs_finished", runs.c.finished_at)
+# One run per fire, whoever fires it: two schedulers, a restart mid-fire, a clock set back.
+FIRE_INDEX = sa.Index("uq_offload_runs_fire", runs.c.schedule, runs.c.scheduled_for, unique=True)
 
 attempts = sa.Table(
     "offload_attempts",
@@ -116,4 +121,31 @@ run_stats = sa.Table(
     sa.Column("shard", sa.Integer, primary_key=True),
     sa.Column("count", sa.BigInteger, nullable=False),
     sa.Column("seconds", sa.Float, nullable=False),
+)
+
+# Schedules declared in code, with what the ledger must remember about them: when each fires
+# next, whether someone paused it, its last fire. Synced from code by the scheduler that holds
+# the lease (core/schedule.py has the time arithmetic).
+schedules = sa.Table(
+    "offload_schedules",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("task", sa.String(200), nullable=False),
+    sa.Column("spec", sa.String(300), nullable=False),
+    sa.Column("args", sa.JSON, nullable=False),
+    sa.Column("catch_up", sa.String(8), nullable=False),
+    sa.Column("paused", sa.Boolean, nullable=False, default=False),
+    sa.Column("next_fire_at", sa.Float),  # NULL while paused
+    sa.Column("last_fire_at", sa.Float),
+    sa.Column("last_run_id", sa.String(64)),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+# Leases: which process does a job only one may do at a time (the scheduler), until when.
+leases = sa.Table(
+    "offload_leases",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(200), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
 )

@@ -13,8 +13,11 @@
 - `POST {prefix}/runs/replay`: replay every run a JSON `RunFilter` body takes
   (`{"dead": true}`: the whole dead-letter queue); `{"replayed": n}`.
 - `POST {prefix}/runs/purge`: delete every finished run a JSON `RunFilter` body takes.
+- `GET {prefix}/schedules`: every schedule with its next fire and last run.
+- `POST {prefix}/schedules/{name}/pause`, `.../resume`: stop and restart a schedule's fires.
+- `POST {prefix}/schedules/{name}/run-now`: fire it now; 201 with the run.
 
-Unknown ids answer 404, a run in the wrong state 409 (saying why).
+Unknown ids and schedule names answer 404, a run in the wrong state 409 (saying why).
 
 Mount it with a prefix: `app.include_router(jobs.admin_router(), prefix="/admin/jobs")`. Every
 route asks `authorize(request, action)` first; the default lets loopback callers only, so an
@@ -33,15 +36,17 @@ from pydantic import BaseModel, Field
 
 from offload.core.handle import RunHandle
 from offload.core.run import RunDetail, RunFilter, RunPage, RunStatus
+from offload.core.schedule import ScheduleStatus
 from offload.errors import (
     ConfigurationError,
     RunNotFoundError,
     RunStateError,
+    ScheduleNotFoundError,
     TaskArgumentsError,
 )
 from offload.web.api import RunQuery, is_loopback
 
-AdminAction = Literal["read", "cancel", "replay", "discard", "purge"]
+AdminAction = Literal["read", "cancel", "replay", "discard", "purge", "schedule"]
 AdminAuthorize = Callable[[Request, AdminAction], bool | Awaitable[bool]]
 """`authorize(request, action) -> bool` (or an awaitable of one)."""
 
@@ -71,6 +76,14 @@ class Admin(Protocol):
 
     async def purge(self, where: RunFilter | None = None) -> int: ...
 
+    async def list_schedules(self) -> list[ScheduleStatus]: ...
+
+    async def pause_schedule(self, name: str) -> ScheduleStatus: ...
+
+    async def resume_schedule(self, name: str) -> ScheduleStatus: ...
+
+    async def run_schedule_now(self, name: str) -> RunHandle[Any]: ...
+
 
 class ReplayRequest(BaseModel):
     """Arguments to change in the replay; the others stay as the failed run had them."""
@@ -96,7 +109,7 @@ def _as_http() -> Iterator[None]:
     """offload's errors as the HTTP answers a client can act on."""
     try:
         yield
-    except RunNotFoundError as exc:
+    except (RunNotFoundError, ScheduleNotFoundError) as exc:
         raise HTTPException(404, detail=str(exc)) from None
     except RunStateError as exc:
         raise HTTPException(409, detail=str(exc)) from None
@@ -172,5 +185,34 @@ def build_admin_router(jobs: Admin, authorize: AdminAuthorize | None = None) -> 
         with _as_http():
             await jobs.discard(run_id)
         return Response(status_code=204)
+
+    @router.get("/schedules", response_model=list[ScheduleStatus], dependencies=[allow("read")])
+    async def list_schedules() -> list[ScheduleStatus]:
+        return await jobs.list_schedules()
+
+    @router.post(
+        "/schedules/{name}/pause", response_model=ScheduleStatus, dependencies=[allow("schedule")]
+    )
+    async def pause_schedule(name: str) -> ScheduleStatus:
+        with _as_http():
+            return await jobs.pause_schedule(name)
+
+    @router.post(
+        "/schedules/{name}/resume", response_model=ScheduleStatus, dependencies=[allow("schedule")]
+    )
+    async def resume_schedule(name: str) -> ScheduleStatus:
+        with _as_http():
+            return await jobs.resume_schedule(name)
+
+    @router.post(
+        "/schedules/{name}/run-now",
+        response_model=RunStatus,
+        status_code=201,
+        dependencies=[allow("schedule")],
+    )
+    async def run_schedule_now(name: str) -> RunStatus:
+        with _as_http():
+            handle = await jobs.run_schedule_now(name)
+            return await jobs.status(handle.id)
 
     return router

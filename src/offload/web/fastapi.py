@@ -32,6 +32,7 @@ from offload.errors import (
     LaneFullError,
     OffloadError,
     RunNotFoundError,
+    ScheduleNotFoundError,
     TaskArgumentsError,
 )
 from offload.lanes.inline.deferrals import Deferrals, current_deferrals
@@ -90,7 +91,7 @@ async def _arguments_error(_request: Request, exc: TaskArgumentsError) -> Respon
     return JSONResponse({"detail": exc.errors or [{"loc": [], "msg": str(exc)}]}, 422)
 
 
-async def _not_found(_request: Request, exc: RunNotFoundError) -> Response:
+async def _not_found(_request: Request, exc: RunNotFoundError | ScheduleNotFoundError) -> Response:
     return JSONResponse({"detail": str(exc)}, 404)
 
 
@@ -115,6 +116,7 @@ async def _offload_error(request: Request, exc: OffloadError) -> Response:
 EXCEPTION_HANDLERS: ExceptionHandlers = {
     TaskArgumentsError: _arguments_error,
     RunNotFoundError: _not_found,
+    ScheduleNotFoundError: _not_found,
     IdempotencyConflictError: _conflict,
     LaneFullError: _lane_full,
     OffloadError: _offload_error,
