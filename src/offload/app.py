@@ -11,7 +11,7 @@ import functools
 import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
@@ -311,7 +311,7 @@ class Offload:
                         args=schedule.args,
                         catch_up=schedule.catch_up,
                         paused=False,
-                        next_fire_at=_utc(schedule.next_fire(now)),
+                        next_fire_at=queries.as_datetime(schedule.next_fire(now)),
                         last_fire_at=None,
                         last_run_id=None,
                         last_run_state=None,
@@ -361,9 +361,6 @@ class Offload:
                     "it needs the app that declares it (CLI: --app MODULE:jobs or OFFLOAD_APP)"
                 )
             raise ScheduleNotFoundError(name, sorted(known | set(self.schedules)))
-        self.ledger.write(
-            lambda conn: ledger_schedules.ensure(conn, self.schedules[name], self.clock())
-        )
         return RunHandle(self, self.scheduler().run_now(name))
 
     async def run_schedule_now(self, name: str) -> RunHandle[Any]:
@@ -736,10 +733,6 @@ class Offload:
         if self._durable is not None:
             self._durable.close()
         self.ledger.dispose()
-
-
-def _utc(moment: float) -> datetime:
-    return datetime.fromtimestamp(moment, UTC)
 
 
 def _undeclared(names: Sequence[str]) -> ConfigurationError:

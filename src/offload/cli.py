@@ -181,15 +181,15 @@ def serve(
                 "offload serve: another process runs the embedded worker for "
                 f"{jobs.settings.data_dir}; not starting a second one"
             )
-        beat = jobs.scheduler() if scheduler and jobs.schedules else None
-        if beat is not None:
-            beat.start()
+        runner = jobs.scheduler() if scheduler and jobs.schedules else None
+        if runner is not None:
+            runner.start()
             typer.echo(f"offload serve: scheduler for {len(jobs.schedules)} schedule(s)")
         try:
             uvicorn.run(spec, host=host, port=port, log_level="info" if verbose else "warning")
         finally:
-            if beat is not None:
-                beat.stop()
+            if runner is not None:
+                runner.stop()
             if supervisor is not None:
                 stop.set()
                 supervisor.stop()

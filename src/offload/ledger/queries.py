@@ -104,7 +104,8 @@ _RECORD_PROGRESS = Prepared(
 _IS_CANCEL_REQUESTED = Prepared(sa.select(runs.c.cancel_requested).where(runs.c.id == _b("run_id")))
 
 
-def _dt(value: float | None) -> datetime | None:
+def as_datetime(value: float | None) -> datetime | None:
+    """A stored timestamp (seconds since the epoch) as an aware UTC datetime."""
     return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
@@ -196,7 +197,7 @@ def _status(row: Any) -> RunStatus:
     progress = None
     if row.progress_fraction is not None:
         progress = Progress(fraction=row.progress_fraction, message=row.progress_message)
-    created = _dt(row.created_at)
+    created = as_datetime(row.created_at)
     assert created is not None
     return RunStatus(
         id=row.id,
@@ -210,12 +211,12 @@ def _status(row: Any) -> RunStatus:
         result=row.result,
         error=row.error,
         created_at=created,
-        started_at=_dt(row.started_at),
-        finished_at=_dt(row.finished_at),
+        started_at=as_datetime(row.started_at),
+        finished_at=as_datetime(row.finished_at),
         replay_of=row.replay_of,
         replayed_by=row.replayed_by,
         schedule=row.schedule,
-        scheduled_for=_dt(row.scheduled_for),
+        scheduled_for=as_datetime(row.scheduled_for),
     )
 
 
@@ -236,8 +237,8 @@ def get_attempts(conn: Connection, run_id: str) -> list[Attempt]:
         Attempt(
             number=r.number,
             worker=r.worker,
-            started_at=_dt(r.started_at),
-            finished_at=_dt(r.finished_at),
+            started_at=as_datetime(r.started_at),
+            finished_at=as_datetime(r.finished_at),
             outcome=r.outcome,
             error=r.error,
             traceback=r.traceback,
@@ -250,7 +251,7 @@ def get_attempts(conn: Connection, run_id: str) -> list[Attempt]:
             Attempt(
                 number=run.attempts,
                 worker=run.worker,
-                started_at=_dt(run.attempt_started_at),
+                started_at=as_datetime(run.attempt_started_at),
                 finished_at=None,
                 outcome=None,
                 error=None,

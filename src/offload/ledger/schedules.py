@@ -9,7 +9,6 @@ run per fire.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -22,10 +21,6 @@ from offload.ledger import queries
 from offload.ledger.schema import leases, runs, schedules
 
 SCHEDULER_LEASE = "scheduler"
-
-
-def _dt(value: float | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
 # --- the lease ---------------------------------------------------------------------------------
@@ -69,7 +64,7 @@ def get_lease(conn: Connection) -> SchedulerLease | None:
     row = conn.execute(sa.select(leases).where(leases.c.name == SCHEDULER_LEASE)).first()
     if row is None:
         return None
-    expires = _dt(row.expires_at)
+    expires = queries.as_datetime(row.expires_at)
     assert expires is not None
     return SchedulerLease(holder=row.holder, expires_at=expires)
 
@@ -196,11 +191,10 @@ def _insert_fires(
     return [fire.id for fire in fresh]
 
 
-def record_run_now(conn: Connection, fire: queries.NewRun, now: float) -> None:
+def record_run_now(conn: Connection, schedule: Schedule, fire: queries.NewRun, now: float) -> None:
     """A fire asked for by hand (`run-now`): a run of the schedule, its next fire unchanged."""
-    assert fire.schedule is not None
-    _get_row(conn, fire.schedule)
-    _insert_fires(conn, fire.schedule, [fire], now)
+    ensure(conn, schedule, now)
+    _insert_fires(conn, schedule.name, [fire], now)
 
 
 def set_paused(conn: Connection, name: str, paused: bool, now: float) -> ScheduleStatus:
@@ -220,9 +214,12 @@ def set_paused(conn: Connection, name: str, paused: bool, now: float) -> Schedul
 def _get_row(conn: Connection, name: str) -> sa.Row[tuple[object, ...]]:
     row = conn.execute(sa.select(schedules).where(schedules.c.name == name)).first()
     if row is None:
-        known = conn.execute(sa.select(schedules.c.name)).scalars().all()
-        raise ScheduleNotFoundError(name, known)
+        raise _not_found(conn, name)
     return row
+
+
+def _not_found(conn: Connection, name: str) -> ScheduleNotFoundError:
+    return ScheduleNotFoundError(name, conn.execute(sa.select(schedules.c.name)).scalars().all())
 
 
 def _listing() -> sa.Select[tuple[object, ...]]:
@@ -241,8 +238,8 @@ def _schedule_status(row: sa.Row[tuple[object, ...]]) -> ScheduleStatus:
         args=mapping["args"],
         catch_up=mapping["catch_up"],
         paused=bool(mapping["paused"]),
-        next_fire_at=_dt(mapping["next_fire_at"]),
-        last_fire_at=_dt(mapping["last_fire_at"]),
+        next_fire_at=queries.as_datetime(mapping["next_fire_at"]),
+        last_fire_at=queries.as_datetime(mapping["last_fire_at"]),
         last_run_id=mapping["last_run_id"],
         last_run_state=RunState(state) if state is not None else None,
     )
@@ -251,8 +248,7 @@ def _schedule_status(row: sa.Row[tuple[object, ...]]) -> ScheduleStatus:
 def get_status(conn: Connection, name: str) -> ScheduleStatus:
     row = conn.execute(_listing().where(schedules.c.name == name)).first()
     if row is None:
-        known = conn.execute(sa.select(schedules.c.name)).scalars().all()
-        raise ScheduleNotFoundError(name, known)
+        raise _not_found(conn, name)
     return _schedule_status(row)
 
 

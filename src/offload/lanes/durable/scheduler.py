@@ -13,7 +13,7 @@ never doubled.
 
 Why not Celery beat: beat keeps its state in a local shelve file, has no lease (two beats fire
 everything twice) and sends with `apply_async`, which bypasses the ledger; a beat scheduler
-class would have to rebuild all of this inside beat's loop. This loop is ~100 lines.
+class would have to rebuild all of this inside beat's loop.
 """
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ class Scheduler:
         """Renew or take the lease and, if held, fire what is due: one transaction. Returns
         the seconds until the next tick."""
         now = self._clock()
-        self._ledger.ensure_schema()
         was_holding = self.holding
         fired, upcoming = self._ledger.write(lambda conn: self._round(conn, now, was_holding))
         if self.holding != was_holding:
@@ -144,7 +143,7 @@ class Scheduler:
             raise ScheduleNotFoundError(name, list(self._schedules))
         now = self._clock()
         run = _run_of(schedule, task, now)
-        self._ledger.write(lambda conn: ledger_schedules.record_run_now(conn, run, now))
+        self._ledger.write(lambda conn: ledger_schedules.record_run_now(conn, schedule, run, now))
         self._publish(task, [(run.id, _call_of(task, run))])
         return run.id
 
@@ -190,13 +189,14 @@ class Scheduler:
 def _fires(schedule: Schedule, seen_next: float, now: float) -> list[float]:
     """The fires to run now, by the schedule's catch-up policy, of those due since
     `seen_next`."""
+    latest = schedule.fires(seen_next, now, 2)
+    missed = len(latest) > 1
     if schedule.catch_up == "all":
-        fires = schedule.fires(seen_next, now, schedule.max_catch_up)
+        fires = schedule.fires(seen_next, now, schedule.max_catch_up) if missed else latest
     else:
-        fires = schedule.fires(seen_next, now, 1)
+        fires = latest[-1:]
         if schedule.catch_up == "skip" and fires and now - fires[-1] > ON_TIME_S:
             fires = []
-    missed = len(schedule.fires(seen_next, now, 2)) > 1
     if missed:
         logger.info(
             "schedule %s missed fires since %.0f; catch_up=%s runs %d",
