@@ -63,6 +63,9 @@ app = FastAPI(
     dependencies=[jobs.deferrals],
 )
 app.include_router(jobs.router, prefix="/tasks")
+# What runs, what failed and why: http://127.0.0.1:8000/offload/ (loopback only until
+# OFFLOAD_DASHBOARD_PASSWORD or OFFLOAD_DASHBOARD_TOKEN is set).
+app.mount("/offload", jobs.dashboard())
 
 
 @app.post("/reports", status_code=202)

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import psutil
@@ -44,7 +44,12 @@ def require(service: str, host: str, port: int) -> None:
     """Skip locally, fail under CI=true, when a service the test needs is down."""
     if reachable(host, port):
         return
-    message = f"{service} is not reachable on {host}:{port}; start it (see .ci/run)"
+    unavailable(f"{service} is not reachable on {host}:{port}; start it (see .ci/run)")
+
+
+def unavailable(message: str) -> NoReturn:
+    """Something the test needs is missing: skip locally, fail under CI=true (`.ci/run`), where
+    a skip would hide a machine that the project's scripts failed to set up."""
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
@@ -271,10 +276,11 @@ class Server:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     _children: list[psutil.Process] = field(default_factory=list)
+    host: str = "127.0.0.1"  #: the interface uvicorn binds ("0.0.0.0": every one)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{'127.0.0.1' if self.host == '0.0.0.0' else self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -282,6 +288,7 @@ class Server:
 
     def start(self) -> Server:
         self.port = free_port()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         env = {
             **os.environ,
@@ -296,7 +303,7 @@ class Server:
                 "uvicorn",
                 self.app,
                 "--host",
-                "127.0.0.1",
+                self.host,
                 "--port",
                 str(self.port),
                 "--log-level",

@@ -14,7 +14,10 @@ run = await send_welcome.defer(user_id=7)
 
 from offload.app import Offload as Offload
 from offload.core.context import TaskContext as TaskContext
+from offload.core.credentials import BasicAuth as BasicAuth
+from offload.core.credentials import BearerAuth as BearerAuth
 from offload.core.handle import RunHandle as RunHandle
+from offload.core.overview import QueueStatus as QueueStatus
 from offload.core.run import TERMINAL_STATES as TERMINAL_STATES
 from offload.core.run import Attempt as Attempt
 from offload.core.run import Lane as Lane
@@ -37,6 +40,7 @@ from offload.errors import IdempotencyConflictError as IdempotencyConflictError
 from offload.errors import LaneFullError as LaneFullError
 from offload.errors import LedgerError as LedgerError
 from offload.errors import OffloadError as OffloadError
+from offload.errors import QueueNotFoundError as QueueNotFoundError
 from offload.errors import ResultTimeoutError as ResultTimeoutError
 from offload.errors import Retry as Retry
 from offload.errors import RunFailedError as RunFailedError
@@ -53,6 +57,8 @@ __all__ = [
     "TERMINAL_STATES",
     "Attempt",
     "Backoff",
+    "BasicAuth",
+    "BearerAuth",
     "BrokerUnavailableError",
     "ConfigurationError",
     "IdempotencyConflictError",
@@ -62,6 +68,8 @@ __all__ = [
     "Offload",
     "OffloadError",
     "Progress",
+    "QueueNotFoundError",
+    "QueueStatus",
     "ResultTimeoutError",
     "Retry",
     "RunDetail",

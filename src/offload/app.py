@@ -11,16 +11,20 @@ import functools
 import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
+from offload.core.credentials import BasicAuth, BearerAuth
 from offload.core.handle import RunHandle
+from offload.core.overview import Minute, Overview, QueueStatus
 from offload.core.run import (
+    DEAD_RUNS,
     Lane,
     RunDetail,
     RunFilter,
     RunPage,
+    RunState,
     RunStatus,
     WorkerStatus,
     new_run_id,
@@ -30,6 +34,7 @@ from offload.core.task import Backoff, Call, Policy, Task, Timeout
 from offload.core.threads import BlockingCalls
 from offload.errors import (
     ConfigurationError,
+    QueueNotFoundError,
     RunStateError,
     ScheduleNotFoundError,
     TaskDefinitionError,
@@ -51,6 +56,7 @@ if TYPE_CHECKING:
     from offload.lanes.inline.lane import InlineLane
     from offload.web.admin import AdminAuthorize
     from offload.web.api import Authorize
+    from offload.web.dashboard import Dashboard, DashboardAuth
     from offload.web.fastapi import ExceptionHandlers, Lifespan
 
 P = ParamSpec("P")
@@ -367,6 +373,60 @@ class Offload:
         """Async twin of `run_schedule_now_sync()`."""
         return await self._blocking.run(self.run_schedule_now_sync, name)
 
+    # --- queues ------------------------------------------------------------------------
+    # A paused queue's runs wait: a worker that gets one leaves it in the ledger, held, and
+    # acknowledges its message; the resume publishes the held runs again. Ledger-driven, so
+    # it reads the same on every broker and holds for workers started later.
+
+    def list_queues_sync(self) -> list[QueueStatus]:
+        """Every queue a task here declares, a live worker consumes, a run waits in or someone
+        paused: its backlog, its oldest run's wait, whether it is paused."""
+        now = self.clock()
+
+        def read(conn: Any) -> list[QueueStatus]:
+            found = {q.name: q for q in queries.queue_statuses(conn, now)}
+            stale = self.settings.stale_after_s
+            names = queries.consumed_queues(conn, now, stale) | set(found)
+            names |= {t.queue for t in self.tasks.values() if t.policy.runs_on_workers}
+            names.add(self.settings.default_queue)
+            idle = {"due": 0, "held": 0, "oldest_wait_s": None, "paused": False, "paused_at": None}
+            return [found.get(n) or QueueStatus(name=n, **idle) for n in sorted(names)]
+
+        return self.ledger.read(read)
+
+    async def list_queues(self) -> list[QueueStatus]:
+        """Async twin of `list_queues_sync()`."""
+        return await self._blocking.run(self.list_queues_sync)
+
+    def pause_queue_sync(self, name: str) -> QueueStatus:
+        """Pause a queue: workers start none of its runs until it is resumed; those they get
+        meanwhile wait in the ledger. Raises `QueueNotFoundError` for a queue nobody uses."""
+        self._queue_named(name)
+        self.ledger.write(lambda conn: queries.set_queue_paused(conn, name, True, self.clock()))
+        return self._queue_named(name)
+
+    async def pause_queue(self, name: str) -> QueueStatus:
+        """Async twin of `pause_queue_sync()`."""
+        return await self._blocking.run(self.pause_queue_sync, name)
+
+    def resume_queue_sync(self, name: str) -> QueueStatus:
+        """Resume a paused queue, publishing again the runs held meanwhile (500 at a time)."""
+        self._queue_named(name)
+        self.ledger.write(lambda conn: queries.set_queue_paused(conn, name, False, self.clock()))
+        self.durable.release_held(name)
+        return self._queue_named(name)
+
+    async def resume_queue(self, name: str) -> QueueStatus:
+        """Async twin of `resume_queue_sync()`."""
+        return await self._blocking.run(self.resume_queue_sync, name)
+
+    def _queue_named(self, name: str) -> QueueStatus:
+        known = self.list_queues_sync()
+        for queue in known:
+            if queue.name == name:
+                return queue
+        raise QueueNotFoundError(name, [queue.name for queue in known])
+
     def scheduler_lease_sync(self) -> SchedulerLease | None:
         """Which scheduler fires the schedules now, and until when its lease runs."""
         return self.ledger.read(ledger_schedules.get_lease)
@@ -460,6 +520,26 @@ class Offload:
         from offload.web.admin import build_admin_router
 
         return build_admin_router(self, authorize=authorize)
+
+    def dashboard(self, *, auth: DashboardAuth | None = None) -> Dashboard:
+        """The dashboard as an ASGI app: `app.mount("/offload", jobs.dashboard(auth=...))`.
+
+        `auth` is `BasicAuth(user, password)`, `BearerAuth(token)`, a tuple of both, or an
+        `authorize(request, action) -> bool` callable. Without it the settings decide
+        (`OFFLOAD_DASHBOARD_PASSWORD`, `OFFLOAD_DASHBOARD_TOKEN`); with neither, the page
+        answers on a loopback address only.
+        """
+        from offload.web.dashboard import Dashboard
+
+        if auth is None:
+            configured: list[BasicAuth | BearerAuth] = []
+            if self.settings.dashboard_password is not None:
+                password = self.settings.dashboard_password.get_secret_value()
+                configured.append(BasicAuth(self.settings.dashboard_username, password))
+            if self.settings.dashboard_token is not None:
+                configured.append(BearerAuth(self.settings.dashboard_token.get_secret_value()))
+            auth = tuple(configured) or None
+        return Dashboard(self, auth)
 
     def metrics_app(self) -> Any:
         """Prometheus' `/metrics` as an ASGI app: this process's inline-lane and event-loop
@@ -722,6 +802,43 @@ class Offload:
     async def workers(self) -> list[WorkerStatus]:
         """Async twin of `workers_sync()`."""
         return await self._blocking.run(self.workers_sync)
+
+    def overview_sync(self, *, running_limit: int = 100) -> Overview:
+        """The durable lane now, in one ledger transaction: runs per state, the last hour's
+        finished runs per minute, queue backlogs, workers and the runs they are running."""
+        now = self.clock()
+        this_minute = int(now // 60)
+        first = this_minute - 59
+
+        def read(conn: Any) -> Overview:
+            states = queries.count_by_state(conn)
+            finished = queries.finished_per_minute(conn, first * 60)
+            minutes = [
+                Minute(
+                    at=datetime.fromtimestamp(m * 60, UTC),
+                    succeeded=finished.get((m, RunState.SUCCESS), 0),
+                    failed=finished.get((m, RunState.FAILURE), 0)
+                    + finished.get((m, RunState.CANCELLED), 0),
+                )
+                for m in range(first, this_minute + 1)
+            ]
+            return Overview(
+                at=datetime.fromtimestamp(now, UTC),
+                states=states,
+                dead=sum(queries.count_by_task(conn, DEAD_RUNS).values()),
+                minutes=minutes,
+                queues=queries.queue_statuses(conn, now),
+                workers=queries.list_workers(conn, now, self.settings.stale_after_s),
+                running=queries.list_running(conn, running_limit),
+            )
+
+        return self.ledger.write(read)  # list_workers forgets long-dead workers
+
+    async def overview(self, *, running_limit: int = 100) -> Overview:
+        """Async twin of `overview_sync()`."""
+        return await self._blocking.run(
+            functools.partial(self.overview_sync, running_limit=running_limit)
+        )
 
     def check_ledger(self) -> None:
         """Raise `LedgerError` unless the ledger exists; creates nothing (for read-only tools)."""

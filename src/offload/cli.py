@@ -6,6 +6,7 @@ shows tracebacks.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from offload.core.overview import QueueStatus
 from offload.core.run import TERMINAL_STATES, RunDetail, RunFilter, RunState, RunStatus
 from offload.core.schedule import ScheduleStatus
 from offload.errors import OffloadError
@@ -47,6 +49,11 @@ schedules_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(schedules_app, name="schedules")
+queues_app = typer.Typer(
+    help="Queues: list their backlog; pause one (its runs wait) and resume it.",
+    no_args_is_help=True,
+)
+app.add_typer(queues_app, name="queues")
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log more; show tracebacks.")]
 
@@ -153,7 +160,9 @@ def serve(
     embedded worker between them.
     """
     import uvicorn
+    from uvicorn.importer import ImportFromStringError, import_from_string
 
+    from offload.web.dashboard import mounted_dashboards
     from offload.worker import Supervisor, embedded_worker_lock, load_offload
 
     _setup_logging(verbose)
@@ -164,6 +173,23 @@ def serve(
         jobs.ledger.ensure_schema()
     except OffloadError as exc:
         raise _fail(exc, verbose) from None
+    try:
+        dashboards = mounted_dashboards(import_from_string(spec))
+    except ImportFromStringError as exc:
+        typer.echo(f"offload serve: {exc}", err=True)
+        raise typer.Exit(2) from None
+    open_to_all = [path for path, board in dashboards if board.access.needs_loopback]
+    if open_to_all and not _is_loopback_host(host):
+        typer.echo(
+            f"offload serve: the dashboard at {open_to_all[0]} has no credentials and may not "
+            f"be served on {host}: set OFFLOAD_DASHBOARD_PASSWORD (or OFFLOAD_DASHBOARD_TOKEN), "
+            "pass jobs.dashboard(auth=...), or bind to 127.0.0.1",
+            err=True,
+        )
+        raise typer.Exit(2)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    for path, _ in dashboards:
+        typer.echo(f"offload serve: dashboard at http://{shown}:{port}{path.rstrip('/')}/")
     with embedded_worker_lock(jobs.settings.data_dir) as owner:
         supervisor = None
         if embedded_worker and owner:
@@ -193,6 +219,13 @@ def serve(
             if supervisor is not None:
                 stop.set()
                 supervisor.stop()
+
+
+def _is_loopback_host(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @app.command()
@@ -775,6 +808,71 @@ def schedules_run_now(
         typer.echo(status.model_dump_json(indent=2))
     else:
         typer.echo(f"schedule {name} fired now as run {handle.id}")
+
+
+# --- queues ------------------------------------------------------------------------------------
+
+QueueName = Annotated[str, typer.Argument(help="The queue's name (offload queues list).")]
+
+
+def _print_queues(found: list[QueueStatus], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps([q.model_dump(mode="json") for q in found], indent=2))
+        return
+    typer.echo(f"{'queue':<24} {'state':<7} {'due':>7} {'held':>7}  oldest waiting")
+    for queue in found:
+        state = "paused" if queue.paused else "active"
+        oldest = "" if queue.oldest_wait_s is None else f"{queue.oldest_wait_s:.1f}s"
+        typer.echo(f"{queue.name:<24} {state:<7} {queue.due:>7} {queue.held:>7}  {oldest}")
+
+
+@queues_app.command("list")
+def queues_list(
+    ledger_url: LedgerUrl = None,
+    app_spec: AppSpec = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """List queues: runs due in each, runs held while it is paused, the oldest one's wait."""
+    try:
+        jobs = _offload(ledger_url, app_spec)
+        jobs.check_ledger()
+        found = jobs.list_queues_sync()
+    except OffloadError as exc:
+        raise _fail(exc, verbose) from None
+    _print_queues(found, as_json)
+
+
+@queues_app.command("pause")
+def queues_pause(
+    name: QueueName,
+    ledger_url: LedgerUrl = None,
+    app_spec: AppSpec = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """Pause a queue: workers start none of its runs (they wait in the ledger) until resumed."""
+    try:
+        status = _offload(ledger_url, app_spec).pause_queue_sync(name)
+    except OffloadError as exc:
+        raise _fail(exc, verbose) from None
+    _print_queues([status], as_json)
+
+
+@queues_app.command("resume")
+def queues_resume(
+    name: QueueName,
+    ledger_url: LedgerUrl = None,
+    app_spec: AppSpec = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """Resume a paused queue; the runs held meanwhile are published again."""
+    try:
+        status = _offload(ledger_url, app_spec).resume_queue_sync(name)
+    except OffloadError as exc:
+        raise _fail(exc, verbose) from None
+    _print_queues([status], as_json)
 
 
 @app.command()

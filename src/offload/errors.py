@@ -98,6 +98,14 @@ class ScheduleNotFoundError(OffloadError, LookupError):
         self.name = name
 
 
+class QueueNotFoundError(OffloadError, LookupError):
+    """Raised when no task declares, no worker consumes and no run waits in a queue."""
+
+    def __init__(self, name: str, known: Sequence[str] = ()) -> None:
+        super().__init__(f"No queue named {name!r}; known: {', '.join(sorted(known))}")
+        self.name = name
+
+
 class RunStateError(OffloadError):
     """Raised when a run is not in a state that allows the operation (HTTP 409).
 

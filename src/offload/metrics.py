@@ -9,9 +9,12 @@ joined to these at scrape time by `jobs.metrics_app()` (`web/metrics.py`).
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.samples import Sample
 
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 """Upper bounds (seconds) of `offload_run_duration_seconds`, on both lanes."""
@@ -86,3 +89,43 @@ class RunMetrics:
             if timing is None:
                 timing = self._durations[(task, lane)] = RUN_DURATION.labels(task, lane)
             timing.observe(duration_s)
+
+
+@dataclass(frozen=True)
+class InlineCounts:
+    """This process's inline-lane counters, as the dashboard's overview shows them."""
+
+    finished: dict[str, int]  #: runs that reached each terminal state
+    running: int
+    waiting: int
+    retries: int
+    spilled: int
+    rejected: int
+    dropped: int
+
+
+def _samples(metric: Any, name: str) -> Iterator[Sample]:
+    for family in metric.collect():
+        yield from (sample for sample in family.samples if sample.name == name)
+
+
+def _sum(metric: Any, name: str) -> int:
+    return int(sum(sample.value for sample in _samples(metric, name)))
+
+
+def inline_counts() -> InlineCounts:
+    """Read the inline lane's counters of this process."""
+    finished: dict[str, int] = {}
+    for sample in _samples(RUNS, "offload_runs_total"):
+        if sample.labels.get("lane") == "inline":
+            state = sample.labels["state"]
+            finished[state] = finished.get(state, 0) + int(sample.value)
+    return InlineCounts(
+        finished=finished,
+        running=_sum(INLINE_RUNNING, "offload_inline_running"),
+        waiting=_sum(INLINE_WAITING, "offload_inline_waiting"),
+        retries=_sum(INLINE_RETRIES, "offload_inline_retries_total"),
+        spilled=_sum(INLINE_SPILLED, "offload_inline_spilled_total"),
+        rejected=_sum(INLINE_REJECTED, "offload_inline_rejected_total"),
+        dropped=_sum(INLINE_DROPPED, "offload_inline_dropped_total"),
+    )

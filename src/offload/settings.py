@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from offload.errors import ConfigurationError
 
@@ -58,6 +58,9 @@ class Settings(BaseModel):
     | `inline_history` | 1000 | finished inline runs kept in memory for the status API |
     | `inline_drain_s` | 10 | on shutdown, how long running inline runs may finish |
     | `loop_block_threshold_s` | 0.1 | the event-loop guard warns when the loop is blocked longer |
+    | `dashboard_username` | `admin` | the dashboard's HTTP Basic user name |
+    | `dashboard_password` | none | the dashboard's HTTP Basic password |
+    | `dashboard_token` | none | a bearer token the dashboard accepts |
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -91,6 +94,9 @@ class Settings(BaseModel):
     inline_history: int = Field(default=1000, ge=0)
     inline_drain_s: float = Field(default=10.0, ge=0)
     loop_block_threshold_s: float = Field(default=0.1, gt=0)
+    dashboard_username: str = Field(default="admin", min_length=1, pattern=r"^[^:]+$")
+    dashboard_password: SecretStr | None = None
+    dashboard_token: SecretStr | None = None
 
     @field_validator("broker_url", "ledger_url")
     @classmethod
@@ -98,6 +104,17 @@ class Settings(BaseModel):
         if value is not None and "://" not in value:
             example = _URL_EXAMPLES[info.field_name]
             raise ValueError(f"{value!r} is not a URL (missing '://'); example: {example}")
+        return value
+
+    @field_validator("dashboard_password", "dashboard_token")
+    @classmethod
+    def _is_secret(cls, value: SecretStr | None, info: Any) -> SecretStr | None:
+        shortest = 16 if info.field_name == "dashboard_token" else 8
+        if value is not None and len(value.get_secret_value()) < shortest:
+            raise ValueError(
+                f"must be at least {shortest} characters; make one with "
+                "python -c 'import secrets; print(secrets.token_urlsafe())'"
+            )
         return value
 
     @classmethod
@@ -127,7 +144,11 @@ class Settings(BaseModel):
             name = str(error["loc"][0])
             source = "argument" if name in arguments else "environment variable"
             key = name if name in arguments else ENV_PREFIX + name.upper()
-            shown = mask_url(str(values.get(name))) if name.endswith("_url") else values.get(name)
+            shown = values.get(name)
+            if name.endswith("_url"):
+                shown = mask_url(str(shown))
+            elif name in _SECRET_FIELDS:
+                shown = "***"
             message = str(error["msg"]).removeprefix("Value error, ")
             raise ConfigurationError(f"{source} {key}={shown!r} is invalid: {message}") from None
 
@@ -160,12 +181,15 @@ class Settings(BaseModel):
             value = getattr(self, name)
             if name in _JSON_FIELDS:
                 env[ENV_PREFIX + name.upper()] = json.dumps(value)
+            elif isinstance(value, SecretStr):
+                env[ENV_PREFIX + name.upper()] = value.get_secret_value()
             elif value is not None:
                 env[ENV_PREFIX + name.upper()] = str(value)
         return env
 
 
 _JSON_FIELDS = frozenset({"broker_options"})
+_SECRET_FIELDS = frozenset({"dashboard_password", "dashboard_token"})
 
 
 def _parse_json(key: str, text: str) -> Any:

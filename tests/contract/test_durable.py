@@ -222,6 +222,27 @@ def test_delay_holds_the_run_and_cancel_stops_it_before_it_starts(durable: Durab
     assert cancelled.status_sync().attempts == 0
 
 
+def test_a_paused_queue_holds_its_runs_until_it_is_resumed(durable: Durable) -> None:
+    queue = durable.task("add").queue
+
+    def held() -> int:
+        return next(q.held for q in durable.jobs.list_queues_sync() if q.name == queue)
+
+    assert durable.jobs.pause_queue_sync(queue).paused
+    try:
+        runs = [durable.task("add").defer_sync(n, n) for n in range(3)]
+        # The worker got every message and left its run waiting in the ledger.
+        wait_until(lambda: held() == 3, 20, "the worker to hold the paused queue's runs")
+        for run in runs:
+            status = run.status_sync()
+            assert (status.state, status.attempts) == (RunState.PENDING, 0)
+    finally:
+        resumed = durable.jobs.resume_queue_sync(queue)
+    assert not resumed.paused
+    assert [run.result_sync(timeout=20) for run in runs] == [0, 2, 4]
+    assert held() == 0
+
+
 def test_running_task_sees_the_cancel_request_and_stops(durable: Durable) -> None:
     started = durable.data_dir / f"started-{os.urandom(4).hex()}"
     run = durable.task("until_cancelled").defer_sync(started=str(started))

@@ -65,3 +65,36 @@ def test_list_filters_and_show_tells_one_run(tmp_path: Path) -> None:
     unknown = run_cli("runs", "show", "f" * 32, cwd=tmp_path, data_dir=tmp_path / "data")
     assert unknown.returncode == 1
     assert f"No run with id '{'f' * 32}'" in unknown.stderr
+
+
+def test_queues_pause_and_resume_from_the_cli(tmp_path: Path) -> None:
+    jobs = Offload(data_dir=tmp_path / "data")
+
+    @jobs.task(queue="reports")
+    def render(user_id: int) -> None: ...
+
+    waiting = render.defer_sync(user_id=1)
+    jobs.close()
+    paused = run_cli(
+        "queues", "pause", "reports", "--json", cwd=tmp_path, data_dir=tmp_path / "data"
+    )
+    assert paused.returncode == 0, paused.stderr
+    [status] = json.loads(paused.stdout)
+    assert (status["name"], status["paused"], status["due"]) == ("reports", True, 1)
+
+    listed = run_cli("queues", "list", cwd=tmp_path, data_dir=tmp_path / "data")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[:3] for line in listed.stdout.splitlines()[1:]] == [
+        ["default", "active", "0"],
+        ["reports", "paused", "1"],
+    ]
+    unknown = run_cli("queues", "pause", "reprots", cwd=tmp_path, data_dir=tmp_path / "data")
+    assert unknown.returncode == 1
+    assert "No queue named 'reprots'; known: default, reports" in unknown.stderr
+
+    resumed = run_cli(
+        "queues", "resume", "reports", "--json", cwd=tmp_path, data_dir=tmp_path / "data"
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)[0]["paused"] is False
+    assert Offload(data_dir=tmp_path / "data").status_sync(waiting.id).state.value == "PENDING"

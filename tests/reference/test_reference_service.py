@@ -59,6 +59,11 @@ def test_serve_runs_api_and_worker_on_sqlite_and_stops_cleanly(tmp_path: Path) -
         assert httpx.get(f"{base}/tasks/{'0' * 32}", timeout=5).status_code == 404
         bad = httpx.post(f"{base}/reports", json={"user_id": 7, "kind": "docx"}, timeout=5)
         assert bad.status_code == 422
+        # The dashboard, open to loopback callers (the service sets no credentials).
+        board = httpx.get(f"{base}/offload/runs/{task_id}", timeout=10)
+        assert board.status_code == 200
+        assert "render_report" in board.text
+        assert 'class="state state-success">SUCCESS<' in board.text
         children = tree.children(recursive=True)
         assert children, "serve started no embedded worker"
     finally:
@@ -68,5 +73,6 @@ def test_serve_runs_api_and_worker_on_sqlite_and_stops_cleanly(tmp_path: Path) -
     # Every process it started is gone.
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.pid for p in alive]
+    assert f"dashboard at http://127.0.0.1:{port}/offload/" in (tmp_path / "serve.log").read_text()
     assert (tmp_path / "data" / "broker.sqlite").exists()
     assert (tmp_path / "data" / "ledger.sqlite").exists()

@@ -21,9 +21,12 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 def as_version_1(url: str) -> None:
-    """Take back what versions 2 to 4 added, as a ledger of offload 0.1 had it."""
+    """Take back what versions 2 to 5 added, as a ledger of offload 0.1 had it."""
     engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
     with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE offload_queues"))
+        conn.execute(sa.text("DROP INDEX ix_offload_runs_held"))
+        conn.execute(sa.text("ALTER TABLE offload_runs DROP COLUMN held_at"))
         conn.execute(sa.text("DROP TABLE offload_schedules"))
         conn.execute(sa.text("DROP TABLE offload_leases"))
         conn.execute(sa.text("DROP INDEX uq_offload_runs_fire"))
@@ -77,5 +80,7 @@ def test_a_version_1_ledger_is_upgraded_and_keeps_its_runs(url: str, tmp_path: P
         fired = jobs.run_schedule_now_sync("nightly")
         assert jobs.status_sync(fired.id).schedule == "nightly"
         assert [s.last_run_id for s in jobs.list_schedules_sync()] == [fired.id]
+        assert jobs.pause_queue_sync("default").paused  # version 5's paused queues
+        assert not jobs.resume_queue_sync("default").paused
     finally:
         jobs.close()

@@ -191,6 +191,10 @@ class RunFilter(BaseModel):
         )
 
 
+DEAD_RUNS = RunFilter(states=(RunState.FAILURE,), dead=True)
+"""The dead-letter queue: runs that failed their last try."""
+
+
 class RunPage(BaseModel):
     """One page of runs, newest first; pass `next_cursor` back for the next page."""
 

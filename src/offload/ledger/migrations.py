@@ -12,7 +12,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from offload.errors import LedgerError
-from offload.ledger.schema import FINISHED_INDEX, FIRE_INDEX, leases, run_stats, schedules
+from offload.ledger.schema import (
+    FINISHED_INDEX,
+    FIRE_INDEX,
+    HELD_INDEX,
+    leases,
+    queues,
+    run_stats,
+    schedules,
+)
 
 
 def _replays_and_retention(conn: Connection) -> None:
@@ -37,10 +45,18 @@ def _schedules(conn: Connection) -> None:
     leases.create(conn)
 
 
+def _paused_queues(conn: Connection) -> None:
+    """Version 5: queues can be paused; runs a worker took meanwhile are held."""
+    conn.execute(sa.text("ALTER TABLE offload_runs ADD COLUMN held_at FLOAT"))
+    HELD_INDEX.create(conn)
+    queues.create(conn)
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     2: _replays_and_retention,
     3: _run_stats,
     4: _schedules,
+    5: _paused_queues,
 }
 """target version -> function that upgrades from the version before it."""
 

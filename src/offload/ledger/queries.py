@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from offload.core.overview import QueueStatus, Running
 from offload.core.run import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -36,7 +37,7 @@ from offload.core.run import (
 from offload.errors import IdempotencyConflictError, RunNotFoundError, RunStateError
 from offload.ledger import stats
 from offload.ledger.prepared import Prepared, one_of
-from offload.ledger.schema import attempts, runs, workers
+from offload.ledger.schema import attempts, queues, runs, workers
 
 _ACTIVE = [s.value for s in ACTIVE_STATES]
 _TERMINAL = [s.value for s in TERMINAL_STATES]
@@ -56,6 +57,7 @@ _CLAIM_WAITING = Prepared(
         one_of(runs.c.state, _WAITING),
         runs.c.cancel_requested == sa.false(),
         sa.or_(runs.c.next_attempt_at.is_(None), runs.c.next_attempt_at <= _b("due")),
+        ~sa.exists().where(queues.c.name == runs.c.queue, queues.c.paused == sa.true()),
     )
     .values(
         state=RunState.STARTED.value,
@@ -472,19 +474,112 @@ def discard(conn: Connection, run_id: str) -> None:
     conn.execute(runs.delete().where(runs.c.id == run_id))
 
 
-def count_due_by_queue(conn: Connection, now: float) -> dict[str, int]:
-    """How many waiting runs are due and not started, per queue (a queue's depth)."""
-    counted = sa.select(runs.c.queue, sa.func.count().label("n"))
-    query = _matching(counted, RunFilter(states=tuple(WAITING_STATES))).where(
-        sa.func.coalesce(runs.c.next_attempt_at, 0.0) <= now
+def queue_statuses(conn: Connection, now: float) -> list[QueueStatus]:
+    """Each queue with waiting runs or a pause: its depth (waiting runs due and not started,
+    held ones included), its oldest due run's wait, and whether it is paused."""
+    due_at = sa.func.coalesce(runs.c.next_attempt_at, runs.c.created_at)
+    counted = sa.select(
+        runs.c.queue,
+        sa.func.count().label("n"),
+        sa.func.count(runs.c.held_at).label("held"),
+        sa.func.min(due_at).label("first"),
     )
-    return {row.queue or "default": row.n for row in conn.execute(query.group_by(runs.c.queue))}
+    query = _matching(counted, RunFilter(states=tuple(WAITING_STATES))).where(due_at <= now)
+    loads = {row.queue or "default": row for row in conn.execute(query.group_by(runs.c.queue))}
+    paused = {row.name: row.paused_at for row in conn.execute(_PAUSED_QUEUES)}
+    return [
+        QueueStatus(
+            name=name,
+            due=loads[name].n if name in loads else 0,
+            held=loads[name].held if name in loads else 0,
+            oldest_wait_s=max(0.0, now - loads[name].first) if name in loads else None,
+            paused=name in paused,
+            paused_at=as_datetime(paused.get(name)),
+        )
+        for name in sorted(set(loads) | set(paused))
+    ]
+
+
+_PAUSED_QUEUES = sa.select(queues.c.name, queues.c.paused_at).where(queues.c.paused == sa.true())
+
+
+def is_queue_paused(conn: Connection, name: str) -> bool:
+    """True if someone paused the queue `name`. On PostgreSQL the queue's row stays locked
+    until the caller commits, so that a resume waits for a run being held to be held (and
+    then publishes it) instead of missing it."""
+    found = conn.execute(_PAUSED_QUEUES.where(queues.c.name == name).with_for_update()).first()
+    return found is not None
+
+
+def consumed_queues(conn: Connection, now: float, stale_after_s: float) -> set[str]:
+    """The queues that live workers consume."""
+    rows = conn.execute(
+        sa.select(workers.c.queues).where(workers.c.heartbeat_at >= now - stale_after_s)
+    )
+    return {queue for (names,) in rows for queue in names.split(",") if queue}
+
+
+def set_queue_paused(conn: Connection, name: str, paused: bool, now: float) -> None:
+    """Pause or resume the queue `name` (a queue nobody paused has no row)."""
+    if not paused:
+        conn.execute(queues.delete().where(queues.c.name == name))
+        return
+    updated = conn.execute(
+        queues.update().where(queues.c.name == name).values(paused=True, updated_at=now)
+    )
+    if not updated.rowcount:
+        conn.execute(queues.insert().values(name=name, paused=True, paused_at=now, updated_at=now))
+
+
+def take_held(conn: Connection, queue: str, now: float, limit: int) -> list[RunMessage]:
+    """Up to `limit` runs held in `queue` while it was paused, no longer marked held: the
+    caller publishes them (one it fails to publish is an orphan the sweep publishes later)."""
+    taken = (
+        sa.select(runs.c.id)
+        .where(runs.c.queue == queue, runs.c.held_at.is_not(None), runs.c.state.in_(_WAITING))
+        .order_by(runs.c.held_at)
+        .limit(limit)
+    )
+    rows = conn.execute(
+        runs.update()
+        .where(runs.c.id.in_(taken.scalar_subquery()))
+        .values(held_at=None, updated_at=now)
+        .returning(runs.c.id, runs.c.task, runs.c.args, runs.c.queue, runs.c.priority)
+    )
+    return [RunMessage(r.id, r.task, r.args, r.queue, r.priority) for r in rows]
 
 
 def count_by_state(conn: Connection) -> dict[RunState, int]:
     """How many runs are in each state."""
     rows = conn.execute(sa.select(runs.c.state, sa.func.count()).group_by(runs.c.state))
     return {RunState(state): count for state, count in rows}
+
+
+def finished_per_minute(conn: Connection, since: float) -> dict[tuple[int, str], int]:
+    """Runs that finished since `since`, per (minute since the epoch, state)."""
+    # SQLite's CAST truncates (the same as floor for times after 1970) and may lack floor();
+    # PostgreSQL's CAST rounds.
+    per_minute = runs.c.finished_at / 60
+    if conn.dialect.name != "sqlite":
+        per_minute = sa.func.floor(per_minute)
+    minute = sa.cast(per_minute, sa.Integer).label("minute")
+    query = (
+        sa.select(minute, runs.c.state, sa.func.count().label("n"))
+        .where(runs.c.finished_at >= since)
+        .group_by(minute, runs.c.state)
+    )
+    return {(row.minute, row.state): row.n for row in conn.execute(query)}
+
+
+def list_running(conn: Connection, limit: int) -> list[Running]:
+    """Runs a worker is running now, the longest-running first."""
+    query = (
+        sa.select(runs)
+        .where(runs.c.state.in_(_ACTIVE))
+        .order_by(runs.c.attempt_started_at, runs.c.id)
+        .limit(limit)
+    )
+    return [Running(run=_status(row), worker=row.worker) for row in conn.execute(query)]
 
 
 # --- running (worker side) -------------------------------------------------------------------
@@ -501,7 +596,8 @@ class Claimed:
 
 @dataclass(frozen=True)
 class Skip:
-    """Do not run: the run is finished, cancelled or dead. Acknowledge the message."""
+    """Do not run: the run is finished, cancelled or dead, or held in its paused queue.
+    Acknowledge the message."""
 
     reason: str
 
@@ -581,6 +677,14 @@ def claim(
         return Skip("cancelled")
     if row.next_attempt_at is not None and row.next_attempt_at > now + 0.05:
         return Park(row.next_attempt_at, "not due yet")
+    if row.queue is not None and is_queue_paused(conn, row.queue):
+        waiting = row.state if row.state in _WAITING else RunState.PENDING.value
+        conn.execute(
+            runs.update()
+            .where(runs.c.id == run_id)
+            .values(state=waiting, held_at=now, updated_at=now)
+        )
+        return Skip(f"queue {row.queue} is paused; the run waits until it is resumed")
     # A lost attempt's run, or one created above: start it like a waiting one.
     conn.execute(runs.update().where(runs.c.id == run_id).values(state=RunState.PENDING.value))
     started = _CLAIM_WAITING.first(conn, params)
@@ -839,6 +943,7 @@ def take_orphans(conn: Connection, now: float, older_than_s: float, limit: int) 
             runs.c.lane == Lane.DURABLE.value,
             runs.c.updated_at < cutoff,
             sa.func.coalesce(runs.c.next_attempt_at, 0.0) < cutoff,
+            runs.c.held_at.is_(None),  # a held run waits for its queue's resume
         )
         .order_by(runs.c.updated_at)
         .limit(limit)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Bump with a migration in `migrations.py` whenever a table below changes."""
 
 metadata = sa.MetaData()
@@ -61,6 +61,9 @@ runs = sa.Table(
     # A schedule's fire: which schedule, and the fire time it is the one run of.
     sa.Column("schedule", sa.String(200)),
     sa.Column("scheduled_for", sa.Float),
+    # When a worker took this waiting run while its queue was paused: it acknowledged the
+    # message and left the run here; resuming the queue publishes it again.
+    sa.Column("held_at", sa.Float),
     sa.UniqueConstraint("task", "idempotency_key", name="uq_offload_runs_idempotency"),
 )
 sa.Index("ix_offload_runs_created", runs.c.created_at, runs.c.id)
@@ -70,6 +73,8 @@ sa.Index("ix_offload_runs_task", runs.c.task, runs.c.created_at)
 FINISHED_INDEX = sa.Index("ix_offload_runs_finished", runs.c.finished_at)
 # One run per fire, whoever fires it: two schedulers, a restart mid-fire, a clock set back.
 FIRE_INDEX = sa.Index("uq_offload_runs_fire", runs.c.schedule, runs.c.scheduled_for, unique=True)
+# Resuming a queue finds its held runs.
+HELD_INDEX = sa.Index("ix_offload_runs_held", runs.c.queue, runs.c.held_at)
 
 attempts = sa.Table(
     "offload_attempts",
@@ -148,4 +153,14 @@ leases = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("holder", sa.String(200), nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+# Queues someone paused: workers leave their runs waiting (held) until they are resumed.
+queues = sa.Table(
+    "offload_queues",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("paused", sa.Boolean, nullable=False),
+    sa.Column("paused_at", sa.Float),
+    sa.Column("updated_at", sa.Float, nullable=False),
 )

@@ -16,8 +16,10 @@
 - `GET {prefix}/schedules`: every schedule with its next fire and last run.
 - `POST {prefix}/schedules/{name}/pause`, `.../resume`: stop and restart a schedule's fires.
 - `POST {prefix}/schedules/{name}/run-now`: fire it now; 201 with the run.
+- `GET {prefix}/queues`: every queue with its backlog, held runs and pause.
+- `POST {prefix}/queues/{name}/pause`, `.../resume`: hold a queue's runs, and let them go.
 
-Unknown ids and schedule names answer 404, a run in the wrong state 409 (saying why).
+Unknown ids, schedule and queue names answer 404, a run in the wrong state 409 (saying why).
 
 Mount it with a prefix: `app.include_router(jobs.admin_router(), prefix="/admin/jobs")`. Every
 route asks `authorize(request, action)` first; the default lets loopback callers only, so an
@@ -35,10 +37,12 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Res
 from pydantic import BaseModel, Field
 
 from offload.core.handle import RunHandle
+from offload.core.overview import QueueStatus
 from offload.core.run import RunDetail, RunFilter, RunPage, RunStatus
 from offload.core.schedule import ScheduleStatus
 from offload.errors import (
     ConfigurationError,
+    QueueNotFoundError,
     RunNotFoundError,
     RunStateError,
     ScheduleNotFoundError,
@@ -46,7 +50,7 @@ from offload.errors import (
 )
 from offload.web.api import RunQuery, is_loopback
 
-AdminAction = Literal["read", "cancel", "replay", "discard", "purge", "schedule"]
+AdminAction = Literal["read", "cancel", "replay", "discard", "purge", "schedule", "queue"]
 AdminAuthorize = Callable[[Request, AdminAction], bool | Awaitable[bool]]
 """`authorize(request, action) -> bool` (or an awaitable of one)."""
 
@@ -84,6 +88,12 @@ class Admin(Protocol):
 
     async def run_schedule_now(self, name: str) -> RunHandle[Any]: ...
 
+    async def list_queues(self) -> list[QueueStatus]: ...
+
+    async def pause_queue(self, name: str) -> QueueStatus: ...
+
+    async def resume_queue(self, name: str) -> QueueStatus: ...
+
 
 class ReplayRequest(BaseModel):
     """Arguments to change in the replay; the others stay as the failed run had them."""
@@ -109,7 +119,7 @@ def _as_http() -> Iterator[None]:
     """offload's errors as the HTTP answers a client can act on."""
     try:
         yield
-    except (RunNotFoundError, ScheduleNotFoundError) as exc:
+    except (RunNotFoundError, ScheduleNotFoundError, QueueNotFoundError) as exc:
         raise HTTPException(404, detail=str(exc)) from None
     except RunStateError as exc:
         raise HTTPException(409, detail=str(exc)) from None
@@ -214,5 +224,19 @@ def build_admin_router(jobs: Admin, authorize: AdminAuthorize | None = None) -> 
         with _as_http():
             handle = await jobs.run_schedule_now(name)
             return await jobs.status(handle.id)
+
+    @router.get("/queues", response_model=list[QueueStatus], dependencies=[allow("read")])
+    async def list_queues() -> list[QueueStatus]:
+        return await jobs.list_queues()
+
+    @router.post("/queues/{name}/pause", response_model=QueueStatus, dependencies=[allow("queue")])
+    async def pause_queue(name: str) -> QueueStatus:
+        with _as_http():
+            return await jobs.pause_queue(name)
+
+    @router.post("/queues/{name}/resume", response_model=QueueStatus, dependencies=[allow("queue")])
+    async def resume_queue(name: str) -> QueueStatus:
+        with _as_http():
+            return await jobs.resume_queue(name)
 
     return router

@@ -31,6 +31,7 @@ from offload.errors import (
     IdempotencyConflictError,
     LaneFullError,
     OffloadError,
+    QueueNotFoundError,
     RunNotFoundError,
     ScheduleNotFoundError,
     TaskArgumentsError,
@@ -91,7 +92,7 @@ async def _arguments_error(_request: Request, exc: TaskArgumentsError) -> Respon
     return JSONResponse({"detail": exc.errors or [{"loc": [], "msg": str(exc)}]}, 422)
 
 
-async def _not_found(_request: Request, exc: RunNotFoundError | ScheduleNotFoundError) -> Response:
+async def _not_found(_request: Request, exc: LookupError) -> Response:
     return JSONResponse({"detail": str(exc)}, 404)
 
 
@@ -117,6 +118,7 @@ EXCEPTION_HANDLERS: ExceptionHandlers = {
     TaskArgumentsError: _arguments_error,
     RunNotFoundError: _not_found,
     ScheduleNotFoundError: _not_found,
+    QueueNotFoundError: _not_found,
     IdempotencyConflictError: _conflict,
     LaneFullError: _lane_full,
     OffloadError: _offload_error,

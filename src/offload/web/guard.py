@@ -17,6 +17,8 @@ import sysconfig
 import threading
 import time
 import traceback
+from collections import deque
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -30,6 +32,21 @@ _HINT = (
     "in async def code: await an async equivalent, or declare the task def (it then runs on "
     "the inline lane's threads) or cpu_bound=True (a separate process)"
 )
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """One blocking episode, as the guard reported it."""
+
+    at: float  #: when it was noticed (seconds since the epoch)
+    stalled_s: float  #: how long the loop had not run by then
+    culprit: str
+    where: str
+
+
+RECENT: deque[Blocked] = deque(maxlen=20)
+"""This process's latest blocking episodes, newest last: the dashboard's overview shows them.
+Per process like the counters: each guard watches a loop of this process."""
 
 
 class LoopGuard:
@@ -100,11 +117,13 @@ class LoopGuard:
         task = asyncio.current_task(self._loop) if self._loop is not None else None
         frames = _chain(frame)
         culprit = _culprit(frames, task)
+        where = _where(frames)
+        RECENT.append(Blocked(time.time(), stalled_s, culprit, where))
         logger.warning(
             "event loop blocked for more than %.0f ms by %s, at %s; %s\nblocking stack:\n%s",
             stalled_s * 1000,
             culprit,
-            _where(frames),
+            where,
             _HINT,
             "".join(_stack(frames)).rstrip(),
         )

@@ -23,7 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.samples import Sample
 
-from offload.core.run import Lane, RunFilter, RunState
+from offload.core.run import DEAD_RUNS, Lane
 from offload.errors import LedgerError
 from offload.ledger import queries, stats
 from offload.ledger.database import Ledger
@@ -32,7 +32,6 @@ from offload.metrics import DURATION_BUCKETS, WAIT_BUCKETS
 logger = logging.getLogger("offload.metrics")
 
 DURABLE = Lane.DURABLE.value
-DEAD = RunFilter(states=(RunState.FAILURE,), dead=True)
 
 
 @dataclass(frozen=True)
@@ -76,8 +75,8 @@ class LedgerCollector:
         now = self.ledger.clock()
         return Snapshot(
             counts=stats.read(conn),
-            depths=queries.count_due_by_queue(conn, now),
-            dead=queries.count_by_task(conn, DEAD),
+            depths={q.name: q.due for q in queries.queue_statuses(conn, now) if q.due},
+            dead=queries.count_by_task(conn, DEAD_RUNS),
             workers=queries.count_live_workers(conn, now, self.stale_after_s),
         )
 

@@ -34,6 +34,8 @@ logger = logging.getLogger("offload.durable")
 
 ORPHAN_BATCH = 500
 """Most orphaned runs one sweep publishes again."""
+HELD_BATCH = 500
+"""Held runs one step of a queue's resume takes from the ledger and publishes."""
 
 RETENTION_BATCH = 25
 """Runs one retention transaction deletes: ~10 ms of SQLite write lock (measured median with
@@ -258,6 +260,20 @@ class DurableLane:
             )
             self.publisher.publish_one(orphan)
         return len(orphans)
+
+    def release_held(self, queue: str) -> int:
+        """Publish again the runs workers held while `queue` was paused, a batch at a time;
+        how many. A run whose publish fails is an orphan that the workers' sweep publishes."""
+        released = 0
+        while True:
+            held = self._ledger.write(
+                lambda conn: queries.take_held(conn, queue, self._ledger.clock(), HELD_BATCH)
+            )
+            for message in held:
+                self.publisher.publish_one(message)
+            released += len(held)
+            if len(held) < HELD_BATCH:
+                return released
 
     def close(self) -> None:
         """Release the broker connections (the lane can publish again afterwards)."""
