@@ -167,6 +167,11 @@ def test_without_credentials_it_answers_on_loopback_only(tmp_path: Path) -> None
         open_board.start()
         local = httpx.get(f"{open_board.url}/offload/", timeout=10)
         assert local.status_code == 200
+        # A page of another site whose name now points at 127.0.0.1 (DNS rebinding).
+        rebound = httpx.get(
+            f"{open_board.url}/offload/", headers={"host": "attacker.example"}, timeout=10
+        )
+        assert rebound.status_code == 403
         outside = httpx.get(f"http://{address}:{open_board.port}/offload/", timeout=10)
         assert outside.status_code == 403
         assert "OFFLOAD_DASHBOARD_PASSWORD" in outside.text

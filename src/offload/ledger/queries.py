@@ -67,6 +67,7 @@ _CLAIM_WAITING = Prepared(
         attempt_started_at=_b("now"),
         # next_attempt_at stays: when this attempt was due, for its time in the queue.
         started_at=sa.func.coalesce(runs.c.started_at, _b("now")),
+        held_at=None,
         updated_at=_b("now"),
     )
     .returning(
@@ -679,16 +680,20 @@ def claim(
         return Park(row.next_attempt_at, "not due yet")
     if row.queue is not None and is_queue_paused(conn, row.queue):
         waiting = row.state if row.state in _WAITING else RunState.PENDING.value
-        conn.execute(
-            runs.update()
-            .where(runs.c.id == run_id)
-            .values(state=waiting, held_at=now, updated_at=now)
-        )
-        return Skip(f"queue {row.queue} is paused; the run waits until it is resumed")
+        return _hold(conn, run_id, waiting, row.queue, now)
     # A lost attempt's run, or one created above: start it like a waiting one.
     conn.execute(runs.update().where(runs.c.id == run_id).values(state=RunState.PENDING.value))
     started = _CLAIM_WAITING.first(conn, params)
+    if started is None:  # PostgreSQL: its queue was paused since the check above
+        return _hold(conn, run_id, RunState.PENDING.value, row.queue, now)
     return _claimed(conn, task, started, now)
+
+
+def _hold(conn: Connection, run_id: str, state: str, queue: str, now: float) -> Skip:
+    conn.execute(
+        runs.update().where(runs.c.id == run_id).values(state=state, held_at=now, updated_at=now)
+    )
+    return Skip(f"queue {queue} is paused; the run waits until it is resumed")
 
 
 def _claimed(conn: Connection, task: str, started: Any, now: float) -> Claimed:
@@ -943,7 +948,12 @@ def take_orphans(conn: Connection, now: float, older_than_s: float, limit: int) 
             runs.c.lane == Lane.DURABLE.value,
             runs.c.updated_at < cutoff,
             sa.func.coalesce(runs.c.next_attempt_at, 0.0) < cutoff,
-            runs.c.held_at.is_(None),  # a held run waits for its queue's resume
+            # A held run waits for its queue's resume, unless that resume did not get to
+            # publish it (a broker error, a crash): then it is an orphan like any other.
+            sa.or_(
+                runs.c.held_at.is_(None),
+                ~sa.exists().where(queues.c.name == runs.c.queue, queues.c.paused == sa.true()),
+            ),
         )
         .order_by(runs.c.updated_at)
         .limit(limit)

@@ -85,7 +85,10 @@ class Access:
             return None if verdict else Refusal(403, f"You may not {action} here.")
         server = request.scope.get("server") or (None, None)
         client = request.client.host if request.client else None
-        if _is_loopback(server[0]) and _is_loopback(client):
+        # The Host header too: a page of another site whose name was re-pointed at 127.0.0.1
+        # (DNS rebinding) reaches a loopback socket, but names its own host.
+        host = request.url.hostname
+        if _is_loopback(server[0]) and _is_loopback(client) and _is_loopback(host):
             return None
         return Refusal(
             403,
@@ -135,7 +138,11 @@ def csrf_refusal(request: Request, submitted: str | None) -> Refusal | None:
     if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
         return Refusal(403, "This action came from another site; it was refused.")
     cookie = request.cookies.get(CSRF_COOKIE, "")
-    if len(cookie) < 32 or not submitted or not hmac.compare_digest(cookie, submitted):
+    if (
+        len(cookie) < 32
+        or not submitted
+        or not hmac.compare_digest(cookie.encode(), submitted.encode())
+    ):
         return Refusal(
             403,
             "This form's security token is missing or out of date: reload the page and try again.",

@@ -219,7 +219,8 @@ class Dashboard:
         )
         template = self.templates.get_template(name)
         live = template.blocks.get("live")
-        context["poll"] = live is not None
+        # A page shown in answer to a POST (a replay refused) has no URL to poll.
+        context["poll"] = live is not None and request.method == "GET"
         if request.headers.get(FRAGMENT_HEADER) == "live" and live is not None:
             html = "".join(live(template.new_context(context)))
         else:

@@ -9,7 +9,7 @@
     if (question && !window.confirm(question)) event.preventDefault();
   });
   if (!live || !live.dataset.poll) return;
-  let shown = live.innerHTML;
+  let shown = null;  // the last fragment the server sent (the DOM's own HTML never equals it)
   let busy = false;
   let editing = false;
   // Typing in a form inside the live region stops the refresh: it would wipe the edit.
@@ -24,6 +24,12 @@
   }
   async function refresh() {
     if (busy || editing || document.hidden) return;
+    // Never swap under the reader: a field being filled in, or a selection (copying a
+    // traceback).
+    const focused = document.activeElement;
+    if (focused && live.contains(focused) && focused.matches("input, textarea, select")) return;
+    const selection = window.getSelection();
+    if (selection && !selection.isCollapsed && live.contains(selection.anchorNode)) return;
     busy = true;
     try {
       const response = await fetch(window.location.href, {
@@ -41,12 +47,12 @@
           // Keep what the reader opened (a traceback) open across the swap.
           const open = Array.from(live.querySelectorAll("details[open][id]"), (d) => d.id);
           live.innerHTML = html;
-          shown = live.innerHTML;
           for (const id of open) {
             const details = document.getElementById(id);
             if (details) details.open = true;
           }
         }
+        shown = html;
         say("live · " + new Date().toLocaleTimeString(), false);
       }
     } catch (error) {
