@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from offload import metrics
 from offload.core.overview import Overview
-from offload.core.run import DEAD_RUNS, RunFilter, RunState
+from offload.core.run import DEAD_RUNS, RunFilter, RunState, WorkerStatus
 from offload.errors import (
     ConfigurationError,
     QueueNotFoundError,
@@ -64,6 +64,8 @@ class Operations(Admin, Protocol):
     """What the dashboard asks: `Offload` answers it."""
 
     async def overview(self, *, running_limit: int = 100) -> Overview: ...
+
+    async def workers(self) -> list[WorkerStatus]: ...
 
 
 class _Refused(Exception):
@@ -338,9 +340,8 @@ class Dashboard:
         )
 
     async def queues(self, request: Request) -> Response:
-        overview = await self.jobs.overview(running_limit=0)
         consumers: dict[str, list[str]] = {}
-        for worker in overview.workers:
+        for worker in await self.jobs.workers():
             if worker.alive:
                 for queue in worker.queues:
                     consumers.setdefault(queue, []).append(worker.name)
