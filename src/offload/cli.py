@@ -26,6 +26,8 @@ from offload.core.schedule import ScheduleStatus
 from offload.errors import OffloadError
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from offload.app import Offload
 
 app = typer.Typer(
@@ -188,6 +190,7 @@ def serve(
         )
         raise typer.Exit(2)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    typer.echo(f"offload serve: API at http://{shown}:{port}/ (bound to {host})")
     for path, _ in dashboards:
         typer.echo(f"offload serve: dashboard at http://{shown}:{port}{path.rstrip('/')}/")
     with embedded_worker_lock(jobs.settings.data_dir) as owner:
@@ -195,6 +198,7 @@ def serve(
         if embedded_worker and owner:
             supervisor = Supervisor(worker_spec, jobs, low_priority=True)
             supervisor.start()
+            typer.echo(f"offload serve: embedded worker for {jobs.settings.data_dir}")
             stop = threading.Event()
 
             def keep_alive() -> None:
@@ -211,6 +215,11 @@ def serve(
         if runner is not None:
             runner.start()
             typer.echo(f"offload serve: scheduler for {len(jobs.schedules)} schedule(s)")
+        # uvicorn shuts down on SIGTERM/SIGINT, restores the handlers it found, then raises
+        # the signal again: with Python's default SIGTERM handler that ended this process on
+        # the spot, before the workers were stopped (they lingered orphaned). The handlers
+        # found here turn it into an exit that runs the `finally` below.
+        previous = {signum: signal.signal(signum, _exit_served) for signum in _STOP_SIGNALS}
         try:
             uvicorn.run(spec, host=host, port=port, log_level="info" if verbose else "warning")
         finally:
@@ -219,6 +228,17 @@ def serve(
             if supervisor is not None:
                 stop.set()
                 supervisor.stop()
+                typer.echo("offload serve: workers stopped")
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _exit_served(_signum: int, _frame: FrameType | None) -> None:
+    """A stop signal uvicorn has already acted on: leave serve normally (exit status 0)."""
+    raise SystemExit(0)
 
 
 def _is_loopback_host(host: str) -> bool:

@@ -1,29 +1,68 @@
-"""The README's run command: `offload serve reference.main:app` on the embedded default."""
+"""The README's run command, `offload serve reference.main:app`, on the embedded default: a
+user signs up, builds PDF reports, pays orders through a provider that fails half its calls,
+and cannot see another user's reports. One server for the module; real processes throughout.
+"""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
+import sqlalchemy as sa
+from pypdf import PdfReader
 
-from tests.support import ROOT, free_port, wait_until
+from tests.support import ROOT, free_port, kill_and_reap, offload_cli, wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
-def test_serve_runs_api_and_worker_on_sqlite_and_stops_cleanly(tmp_path: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "OFFLOAD_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
-    for name in ("OFFLOAD_BROKER_URL", "OFFLOAD_LEDGER_URL"):
+@dataclass
+class Service:
+    base: str
+    outside: str
+    data: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def sign_up(self, email: str) -> dict[str, str]:
+        answer = httpx.post(f"{self.base}/signup", json={"email": email, "password": "hunter22!"})
+        assert answer.status_code == 201, answer.text
+        body: dict[str, Any] = answer.json()
+        return {"Authorization": f"Bearer {body['token']}"}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    data = tmp_path_factory.mktemp("reference") / "data"
+    port, smtp, sinks = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "OFFLOAD_DATA_DIR": str(data),
+        "PYTHONPATH": str(ROOT),
+        "REFERENCE_SMTP_PORT": str(smtp),
+        "REFERENCE_SINKS_PORT": str(sinks),
+        "REFERENCE_PAYMENT_FAILURE_RATE": "0.5",
+        "REFERENCE_PAYMENT_LATENCY_S": "0.01",
+    }
+    for name in ("OFFLOAD_BROKER_URL", "OFFLOAD_LEDGER_URL", "REFERENCE_DATABASE_URL"):
         env.pop(name, None)  # the embedded default: nothing but SQLite files
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
-    serve = subprocess.Popen(
+    log_path = data.parent / "serve.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
         [sys.executable, "-m", "offload", "serve", "reference.main:app", "--port", str(port)],
         cwd=ROOT,
         env=env,
@@ -31,48 +70,259 @@ def test_serve_runs_api_and_worker_on_sqlite_and_stops_cleanly(tmp_path: Path) -
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    tree = psutil.Process(serve.pid)
-    children: list[psutil.Process] = []
+    found = Service(
+        f"http://127.0.0.1:{port}", f"http://127.0.0.1:{sinks}", data, process, log_path
+    )
+
+    def up() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"offload serve exited with {process.returncode}:\n{found.log()}")
+        try:
+            return httpx.get(f"{found.base}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
-        base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/docs", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(up, 60, "the API to answer")
-        accepted = httpx.post(f"{base}/reports", json={"user_id": 7, "kind": "csv"}, timeout=10)
-        assert accepted.status_code == 202
-        task_id = accepted.json()["task_id"]
-        assert accepted.json()["status_url"] == f"/tasks/{task_id}"
-
-        def finished() -> dict[str, object] | None:
-            body: dict[str, object] = httpx.get(f"{base}/tasks/{task_id}", timeout=5).json()
-            return body if body["state"] == "SUCCESS" else None
-
-        status = wait_until(finished, 60, "the report to render")
-        assert str(status["result"]).startswith("reports/7-")
-        assert str(status["result"]).endswith(".csv")
-        assert status["progress"] == {"fraction": 1.0, "message": "rendered page 10 of 10"}
-        assert httpx.get(f"{base}/tasks/{'0' * 32}", timeout=5).status_code == 404
-        bad = httpx.post(f"{base}/reports", json={"user_id": 7, "kind": "docx"}, timeout=5)
-        assert bad.status_code == 422
-        # The dashboard, open to loopback callers (the service sets no credentials).
-        board = httpx.get(f"{base}/offload/runs/{task_id}", timeout=10)
-        assert board.status_code == 200
-        assert "render_report" in board.text
-        assert 'class="state state-success">SUCCESS<' in board.text
-        children = tree.children(recursive=True)
-        assert children, "serve started no embedded worker"
+        wait_until(up, 60, "the reference service to answer")
+        yield found
     finally:
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(timeout=60)
+        if process.poll() is None:  # the last test stops it; this is for a failed one
+            children = psutil.Process(process.pid).children(recursive=True)
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            finally:
+                kill_and_reap(process, children)
         log.close()
-    # Every process it started is gone.
-    _, alive = psutil.wait_procs(children, timeout=30)
-    assert not alive, [p.pid for p in alive]
-    assert f"dashboard at http://127.0.0.1:{port}/offload/" in (tmp_path / "serve.log").read_text()
-    assert (tmp_path / "data" / "broker.sqlite").exists()
-    assert (tmp_path / "data" / "ledger.sqlite").exists()
+
+
+def test_signup_answers_at_once_and_its_four_inline_tasks_all_happen(service: Service) -> None:
+    headers = service.sign_up("ada@example.org")
+    assert httpx.get(f"{service.base}/reports", headers=headers).json() == []
+    again = httpx.post(
+        f"{service.base}/signup", json={"email": "ADA@example.org", "password": "another one"}
+    )
+    assert again.status_code == 409
+    assert "POST /login" in again.json()["detail"]
+    bad = httpx.post(f"{service.base}/signup", json={"email": "not-an-email", "password": "x"})
+    assert bad.status_code == 422
+    assert {e["loc"][-1] for e in bad.json()["detail"]} == {"email", "password"}
+    login = httpx.post(
+        f"{service.base}/login", json={"email": "ada@example.org", "password": "hunter22!"}
+    )
+    assert login.status_code == 200
+    wrong = httpx.post(
+        f"{service.base}/login", json={"email": "ada@example.org", "password": "hunter23!"}
+    )
+    assert wrong.status_code == 401
+
+    def mailed() -> bool:
+        return "ada@example.org" in httpx.get(f"{service.base}/dev/mail").text
+
+    wait_until(mailed, 30, "the welcome email to reach the SMTP sink")
+    user_id = login.json()["user_id"]
+
+    def hooked() -> bool:
+        hooks = httpx.get(f"{service.outside}/hooks").json()
+        return {"text": f"New signup: user {user_id}"} in hooks
+
+    wait_until(hooked, 30, "the Slack notice to reach the webhook sink")
+    database = sa.create_engine(f"sqlite:///{service.data}/reference.sqlite")
+    try:
+
+        def rows() -> tuple[int, int]:
+            with database.connect() as conn:
+                events = conn.execute(
+                    sa.text("SELECT count(*) FROM events WHERE user_id = :u AND kind = 'signup'"),
+                    {"u": user_id},
+                ).scalar_one()
+                spaces = conn.execute(
+                    sa.text("SELECT count(*) FROM workspaces WHERE user_id = :u"), {"u": user_id}
+                ).scalar_one()
+            return int(events), int(spaces)
+
+        wait_until(lambda: rows() == (1, 1), 30, "the analytics event and the workspace")
+    finally:
+        database.dispose()
+
+
+def _events(service: Service, url: str, headers: dict[str, str]) -> list[dict[str, Any]]:
+    """Every status event of a run, until it ends."""
+    seen = []
+    with httpx.stream("GET", f"{service.base}{url}", headers=headers, timeout=120) as stream:
+        assert stream.status_code == 200
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                seen.append(json.loads(line.removeprefix("data: ")))
+    return seen
+
+
+def test_reports_build_real_pdfs_with_progress_and_only_their_owner_sees_them(
+    service: Service,
+) -> None:
+    owner = service.sign_up("grace@example.org")
+    other = service.sign_up("mallory@example.org")
+    accepted = httpx.post(
+        f"{service.base}/reports", json={"count": 3, "pages": 4}, headers=owner, timeout=30
+    )
+    assert accepted.status_code == 202, accepted.text
+    links = accepted.json()
+    assert len(links) == 3
+    first = links[0]
+    updates = _events(service, first["events_url"], owner)
+    assert updates[-1]["state"] == "SUCCESS"
+    fractions = [u["progress"]["fraction"] for u in updates if u["progress"]]
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == 1.0
+    assert updates[-1]["progress"]["message"] == "rendered page 4 of 4"
+    for link in links:
+
+        def done(url: str = link["status_url"]) -> bool:
+            return bool(
+                httpx.get(f"{service.base}{url}", headers=owner).json()["state"] == "SUCCESS"
+            )
+
+        wait_until(done, 120, "every report to finish")
+        pdf = httpx.get(f"{service.base}{link['download_url']}", headers=owner)
+        assert pdf.status_code == 200
+        assert pdf.headers["content-type"] == "application/pdf"
+        reader = PdfReader(io.BytesIO(pdf.content))
+        assert len(reader.pages) == 4
+        assert "grace@example.org" in reader.pages[0].extract_text()
+    listed = httpx.get(f"{service.base}/reports", headers=owner).json()
+    assert {link["id"] for link in listed} == {link["id"] for link in links}
+    # Another user, or nobody: the same answers as for a report that does not exist.
+    for url in (first["status_url"], first["events_url"], first["download_url"]):
+        assert httpx.get(f"{service.base}{url}", headers=other).status_code == 404, url
+        assert httpx.get(f"{service.base}{url}").status_code == 401, url
+    assert httpx.get(f"{service.base}/reports", headers=other).json() == []
+    too_many = httpx.post(f"{service.base}/reports", json={"count": 21}, headers=owner)
+    assert too_many.status_code == 422
+    assert too_many.json()["detail"][0]["loc"] == ["body", "count"]
+
+
+def test_orders_through_a_provider_failing_half_its_calls_are_charged_at_most_once(
+    service: Service,
+) -> None:
+    buyer = service.sign_up("linus@example.org")
+    placed = [
+        httpx.post(
+            f"{service.base}/orders", json={"amount_cents": 1000 + n}, headers=buyer, timeout=30
+        )
+        for n in range(12)
+    ]
+    assert all(answer.status_code == 202 for answer in placed), [a.text for a in placed]
+    orders = [answer.json()["id"] for answer in placed]
+
+    def settled() -> list[dict[str, Any]] | None:
+        found = [httpx.get(f"{service.base}/orders/{o}", headers=buyer).json() for o in orders]
+        return found if all(f["status"] != "pending" for f in found) else None
+
+    final = wait_until(settled, 120, "every order to be paid or to fail")
+    charges = httpx.get(f"{service.outside}/v1/charges").json()
+    per_order: dict[str, int] = {}
+    for charge in charges:
+        per_order[charge["order_id"]] = per_order.get(charge["order_id"], 0) + 1
+    for order in final:
+        expected = 1 if order["status"] == "paid" else 0
+        assert per_order.get(str(order["id"]), 0) <= 1, order
+        if order["status"] == "paid":
+            assert per_order.get(str(order["id"])) == expected, order
+    assert any(order["status"] == "paid" for order in final)
+    other = service.sign_up("eve@example.org")
+    assert httpx.get(f"{service.base}/orders/{orders[0]}", headers=other).status_code == 404
+
+
+def test_a_payment_dead_lettered_after_its_last_try_is_replayed_and_charged_once(
+    service: Service,
+) -> None:
+    buyer = service.sign_up("margaret@example.org")
+    down = {"failure_rate": 1.0, "latency_s": 0.0}
+    assert httpx.post(f"{service.outside}/v1/settings", json=down).status_code == 200
+    try:
+        placed = httpx.post(f"{service.base}/orders", json={"amount_cents": 4200}, headers=buyer)
+        order = placed.json()
+
+        def failed() -> dict[str, Any] | None:
+            found: dict[str, Any] = httpx.get(
+                f"{service.base}/orders/{order['id']}", headers=buyer
+            ).json()
+            return found if found["status"] == "payment_failed" else None
+
+        dead = wait_until(failed, 120, "the payment to use its last try")
+    finally:
+        up = {"failure_rate": 0.0, "latency_s": 0.0}
+        assert httpx.post(f"{service.outside}/v1/settings", json=up).status_code == 200
+    # Half the failures charged and lost the answer: the order may already be charged once.
+    before = httpx.get(f"{service.outside}/v1/charges", params={"order_id": order["id"]}).json()
+    assert len(before) <= 1
+    replay = offload_cli(
+        "dlq",
+        "replay",
+        dead["run_id"],
+        "--app",
+        "reference.main:jobs",
+        "--json",
+        env={"OFFLOAD_DATA_DIR": str(service.data)},
+    )
+    assert replay.returncode == 0, replay.stderr
+
+    def paid() -> dict[str, Any] | None:
+        found: dict[str, Any] = httpx.get(
+            f"{service.base}/orders/{order['id']}", headers=buyer
+        ).json()
+        return found if found["status"] == "paid" else None
+
+    settled = wait_until(paid, 60, "the replayed payment to succeed")
+    charges = httpx.get(f"{service.outside}/v1/charges", params={"order_id": order["id"]}).json()
+    assert [c["id"] for c in charges] == [settled["charge_id"]]
+    if before:
+        assert before[0]["id"] == settled["charge_id"]
+
+
+def test_garbage_and_oversized_bodies_are_refused_without_a_server_error(
+    service: Service,
+) -> None:
+    buyer = service.sign_up("bob@example.org")
+    huge = httpx.post(
+        f"{service.base}/signup",
+        content=b'{"email": "' + b"a" * 200_000 + b'"}',
+        headers={"content-type": "application/json"},
+    )
+    assert huge.status_code == 413
+    infinite = httpx.post(
+        f"{service.base}/orders",
+        content=b'{"amount_cents": 1e400}',
+        headers={**buyer, "content-type": "application/json"},
+    )
+    assert infinite.status_code == 422
+    assert infinite.json()["detail"][0]["input"] == "inf"
+    broken = httpx.post(
+        f"{service.base}/orders",
+        content=b'{"amount_cents": ',
+        headers={**buyer, "content-type": "application/json"},
+    )
+    assert broken.status_code == 422
+
+
+def test_the_dashboard_is_mounted_and_sigterm_stops_everything_it_started(
+    service: Service,
+) -> None:
+    board = httpx.get(f"{service.base}/offload/", timeout=10)
+    assert board.status_code == 200
+    log = service.log()
+    for line in (
+        "offload serve: dashboard at ",
+        "reference: SMTP sink at smtp://127.0.0.1:",
+        "reference: payment provider simulator at http://127.0.0.1:",
+    ):
+        assert line in log, log
+    children = psutil.Process(service.process.pid).children(recursive=True)
+    assert children, "serve started no embedded worker"
+    service.process.send_signal(signal.SIGTERM)
+    assert service.process.wait(timeout=60) == 0
+    # serve waited for every process it started: none is left when it exits.
+    assert not [p.pid for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert "offload serve: workers stopped" in service.log()
+    assert (service.data / "broker.sqlite").exists()
+    assert (service.data / "ledger.sqlite").exists()
