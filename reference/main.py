@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, StringConstraints
@@ -379,8 +380,11 @@ def _finite(value: Any) -> Any:
 
 @app.exception_handler(RequestValidationError)
 async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's own handler answered 500 when the error echoed an inf input.
-    return JSONResponse(status_code=422, content={"detail": _finite(list(exc.errors()))})
+    # FastAPI's own handler answered 500 when the error echoed an inf input (`1e400`), and a
+    # body sent as text/plain is echoed as bytes: both become text.
+    return JSONResponse(
+        status_code=422, content={"detail": _finite(jsonable_encoder(exc.errors()))}
+    )
 
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]

@@ -74,8 +74,7 @@ class Mail:
 
 
 class _Controller(Controller):
-    """aiosmtpd's Controller on a socket bound beforehand: with port=0 its start() fails, as it
-    connects to `self.port` to make the server create its SMTP instance."""
+    """On a socket bound beforehand: with port=0 start() fails, connecting to `self.port`."""
 
     def __init__(self, handler: object, sock: socket.socket) -> None:
         host, port = sock.getsockname()[:2]
@@ -108,8 +107,7 @@ class MailSink(_Sink):
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         assert isinstance(envelope.content, bytes)  # as decode_data=False (the default) gives
-        wire = envelope.content.replace(b"\r\n", b"\n")  # kept as is, the body would end in CRLF
-        parsed = BytesParser(policy=policy.default).parsebytes(wire)
+        parsed = BytesParser(policy=policy.default).parsebytes(envelope.content)
         part = parsed.get_body(("plain", "html"))
         mail = Mail(
             envelope.mail_from or "",
