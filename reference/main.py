@@ -232,8 +232,19 @@ async def list_reports(user: CurrentUser) -> list[ReportLinks]:
 
 @app.get("/reports/{run_id}/download", response_class=FileResponse)
 async def download_report(run_id: str, user: CurrentUser) -> FileResponse:
-    if not await run_in_threadpool(_owns_report, user, run_id):
+    def find() -> Any:
+        with store.db(config).connect() as conn:
+            return conn.execute(
+                sa.select(store.reports).where(
+                    store.reports.c.run_id == run_id, store.reports.c.user_id == user
+                )
+            ).first()
+
+    report = await run_in_threadpool(find)
+    if report is None:
         raise HTTPException(404, f"no report {run_id[:64]}")
+    if report.expired:
+        raise HTTPException(410, f"report {run_id} expired and its file was deleted: ask anew")
     status = await jobs.status(run_id)
     path = report_path(config, run_id)
     if status.state is not RunState.SUCCESS or not path.exists():

@@ -176,11 +176,13 @@ class Outside(_Sink):
         payment_failure_rate: float = 0.0,
         payment_latency_s: float = 0.0,
         seed: int | None = None,
+        mail: MailSink | None = None,
     ) -> None:
         self.host, self.port, self._wanted_port = host, port, port
         self.payment_failure_rate = payment_failure_rate
         self.payment_latency_s = payment_latency_s
         self._random = random.Random(seed)
+        self._mail = mail  # shown at GET /mail, for a sinks process of their own
         self._lock = threading.Lock()
         self._hooks: list[dict[str, Any]] = []
         self._charges: dict[str, tuple[ChargeRequest, Charge]] = {}  # by key, oldest first
@@ -227,6 +229,10 @@ class Outside(_Sink):
             with self._lock:
                 self._hooks.append(body)
             return {"ok": True}
+
+        @api.get("/mail")
+        async def mail() -> list[dict[str, Any]]:
+            return [asdict(m) for m in self._mail.messages()] if self._mail else []
 
         @api.get("/hooks")
         async def hooks() -> list[dict[str, Any]]:
@@ -277,3 +283,33 @@ class Outside(_Sink):
             server.should_exit = True
             thread.join()
             self._running = None
+
+
+def main() -> None:
+    """`python -m reference.sinks`: the stand-ins in a process of their own, on the ports the
+    service's settings name, until SIGTERM or Ctrl-C (start the service with
+    REFERENCE_START_SINKS=0)."""
+    import signal
+
+    from reference.config import Config
+
+    config = Config.from_env()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with (
+        MailSink(config.smtp_host, config.smtp_port) as mail,
+        Outside(
+            port=config.sinks_port,
+            payment_failure_rate=config.payment_failure_rate,
+            payment_latency_s=config.payment_latency_s,
+            mail=mail,
+        ) as outside,
+    ):
+        print(f"reference.sinks: SMTP sink at {mail.url}", flush=True)  # noqa: T201
+        print(f"reference.sinks: webhooks and payments at {outside.url}", flush=True)  # noqa: T201
+        stop.wait()
+
+
+if __name__ == "__main__":
+    main()

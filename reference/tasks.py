@@ -7,6 +7,7 @@ payments, and the periodic cleanup and digest.
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import time
 from datetime import UTC, datetime, timedelta
@@ -45,11 +46,22 @@ async def send_welcome_email(email: str) -> None:
     await aiosmtplib.send(_welcome(email), hostname=config.smtp_host, port=config.smtp_port)
 
 
+_clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+
+
+def _client() -> httpx.AsyncClient:
+    """One client per event loop, kept: a new one builds an SSL context (milliseconds of CPU)
+    and opens a new connection for every notice."""
+    loop = asyncio.get_running_loop()
+    if loop not in _clients:
+        _clients[loop] = httpx.AsyncClient(timeout=5)
+    return _clients[loop]
+
+
 @jobs.task(lane="inline", retries=2, backoff=Backoff(base=0.5, cap=5), timeout=10)
 async def notify_slack(text: str) -> None:
-    async with httpx.AsyncClient(timeout=5) as client:
-        answer = await client.post(Config.from_env().webhook_url, json={"text": text})
-        answer.raise_for_status()
+    answer = await _client().post(Config.from_env().webhook_url, json={"text": text})
+    answer.raise_for_status()
 
 
 @jobs.task(lane="inline")

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,11 +201,11 @@ def test_reports_build_real_pdfs_with_progress_and_only_their_owner_sees_them(
     owner = service.sign_up("grace@example.org")
     other = service.sign_up("mallory@example.org")
     accepted = httpx.post(
-        f"{service.base}/reports", json={"count": 3, "pages": 4}, headers=owner, timeout=30
+        f"{service.base}/reports", json={"count": 20, "pages": 4}, headers=owner, timeout=30
     )
     assert accepted.status_code == 202, accepted.text
     links = accepted.json()
-    assert len(links) == 3
+    assert len(links) == 20
     first = links[0]
     updates = _events(service, first["events_url"], owner)
     assert updates[-1]["state"] == "SUCCESS"
@@ -355,6 +356,77 @@ def test_a_payment_dead_lettered_after_its_last_try_is_replayed_and_charged_once
     assert [c["id"] for c in charges] == [settled["charge_id"]]
     if before:
         assert before[0]["id"] == settled["charge_id"]
+
+
+def _fire(service: Service, schedule: str) -> Any:
+    """`offload schedules run-now SCHEDULE`, then the run's result once it succeeded."""
+    fired = offload_cli(
+        *("schedules", "run-now", schedule, "--app", "reference.main:jobs", "--json"),
+        env={"OFFLOAD_DATA_DIR": str(service.data)},
+    )
+    assert fired.returncode == 0, fired.stderr
+    run_id = json.loads(fired.stdout)["id"]
+
+    def done() -> Any:
+        shown = offload_cli(
+            "runs", "show", run_id, "--json", env={"OFFLOAD_DATA_DIR": str(service.data)}
+        )
+        status = json.loads(shown.stdout)
+        assert status["state"] in ("PENDING", "STARTED", "PROGRESS", "SUCCESS"), status
+        return status if status["state"] == "SUCCESS" else None
+
+    return wait_until(done, 60, f"the {schedule} run to succeed")["result"]
+
+
+def test_periodic_cleanup_expires_old_report_files_and_the_digest_mails_yesterdays_users(
+    service: Service,
+) -> None:
+    owner = service.sign_up("barbara@example.org")
+    link = httpx.post(
+        f"{service.base}/reports", json={"count": 1, "pages": 2}, headers=owner
+    ).json()[0]
+    wait_until(
+        lambda: (
+            httpx.get(f"{service.base}{link['status_url']}", headers=owner).json()["state"]
+            == "SUCCESS"
+        ),
+        60,
+        "the report",
+    )
+    assert httpx.get(f"{service.base}{link['download_url']}", headers=owner).status_code == 200
+    database = sa.create_engine(f"sqlite:///{service.data}/reference.sqlite")
+    try:
+        with database.begin() as conn:
+            # The report was asked for two days ago; the user did two things yesterday.
+            conn.execute(
+                sa.text("UPDATE reports SET created_at = created_at - 172800 WHERE run_id = :r"),
+                {"r": link["id"]},
+            )
+            user = conn.execute(
+                sa.text("SELECT id FROM users WHERE email = 'barbara@example.org'")
+            ).scalar_one()
+            for kind in ("order", "report"):
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO events (user_id, kind, amount_cents, at) "
+                        "VALUES (:u, :k, 0, :at)"
+                    ),
+                    {"u": user, "k": kind, "at": time.time() - 86400},
+                )
+    finally:
+        database.dispose()
+    assert _fire(service, "hourly-report-cleanup") >= 1
+    gone = httpx.get(f"{service.base}{link['download_url']}", headers=owner)
+    assert gone.status_code == 410
+    assert "expired" in gone.json()["detail"]
+    assert not (service.data / "reports" / f"{link['id']}.pdf").exists()
+    assert _fire(service, "nightly-digest") >= 1
+
+    def digest() -> bool:
+        page = httpx.get(f"{service.base}/dev/mail").text
+        return "<b>Your day in the reference service</b> to barbara@example.org" in page
+
+    wait_until(digest, 30, "the digest email")
 
 
 def test_garbage_and_oversized_bodies_are_refused_without_a_server_error(
