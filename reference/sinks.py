@@ -147,6 +147,10 @@ class Charge:
     created_at: float
 
 
+DECLINED_ABOVE_CENTS = 1_000_000
+"""Charges over this are declined (402), as a card over its limit would be."""
+
+
 class ChargeRequest(BaseModel):
     order_id: str = Field(min_length=1)
     amount_cents: int = Field(gt=0)
@@ -197,6 +201,8 @@ class Outside(_Sink):
             return [charge for _, charge in self._charges.values()]
 
     def _charge(self, key: str, request: ChargeRequest) -> JSONResponse:
+        if request.amount_cents > DECLINED_ABOVE_CENTS:
+            return _error(402, "card_declined: the amount is over the card's limit")
         with self._lock:  # decide, look up and record in one step: one charge per key
             failing = self._random.random() < self.payment_failure_rate
             if failing and self._random.random() < 0.5:

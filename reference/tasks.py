@@ -123,7 +123,14 @@ class PaymentDeclined(Exception):
     """The provider refused the charge for good (4xx): retrying cannot help."""
 
 
-@jobs.task(retries=4, backoff=Backoff(base=0.5, cap=10), timeout=60)
+# Retried: the provider down or slow, its answer lost, the database busy. A refusal (4xx) is
+# final: the run dies at once and the order says payment_failed.
+@jobs.task(
+    retries=4,
+    backoff=Backoff(base=0.5, cap=10),
+    timeout=60,
+    retry_on=(httpx.HTTPError, sa.exc.OperationalError),
+)
 def charge_order(ctx: TaskContext, order_id: int) -> str:
     """Charge an order exactly once: every try sends the same Idempotency-Key, so a try whose
     answer was lost (or whose worker died) is answered with the charge already made."""

@@ -311,6 +311,30 @@ def test_payments_in_flight_when_the_workers_are_killed_are_charged_once(
         assert [c["id"] for c in charges] == [order["charge_id"]], order
 
 
+def test_a_declined_payment_fails_at_once_without_retrying(service: Service) -> None:
+    buyer = service.sign_up("hedy@example.org")
+    order = httpx.post(
+        f"{service.base}/orders", json={"amount_cents": 2_000_000}, headers=buyer
+    ).json()
+
+    def failed() -> dict[str, Any] | None:
+        found: dict[str, Any] = httpx.get(
+            f"{service.base}/orders/{order['id']}", headers=buyer
+        ).json()
+        return found if found["status"] == "payment_failed" else None
+
+    dead = wait_until(failed, 60, "the declined payment to fail")
+    shown = offload_cli(
+        "runs", "show", dead["run_id"], "--json", env={"OFFLOAD_DATA_DIR": str(service.data)}
+    )
+    run = json.loads(shown.stdout)
+    assert (run["attempts"], run["dead"]) == (1, True)
+    assert "PaymentDeclined" in run["error"]
+    assert "card_declined" in run["error"]
+    charges = httpx.get(f"{service.outside}/v1/charges", params={"order_id": order["id"]})
+    assert charges.json() == []
+
+
 def test_a_payment_dead_lettered_after_its_last_try_is_replayed_and_charged_once(
     service: Service,
 ) -> None:
