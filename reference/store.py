@@ -83,7 +83,10 @@ def engine(url: str) -> Engine:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA foreign_keys=ON")
     else:
-        made = sa.create_engine(url, pool_pre_ping=True)
+        parsed = sa.make_url(url)
+        if parsed.drivername in ("postgresql", "postgres"):  # as offload reads its own URLs
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        made = sa.create_engine(parsed, pool_pre_ping=True)
     try:
         metadata.create_all(made)
     except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError):
