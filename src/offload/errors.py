@@ -81,11 +81,19 @@ class LedgerError(OffloadError):
     """Raised when the ledger database fails or cannot be reached."""
 
 
+ECHOED_CHARS = 64
+"""The most of a caller's id or name an error message repeats: a 404 must not echo 10 kB."""
+
+
+def _echo(given: str) -> str:
+    return repr(given if len(given) <= ECHOED_CHARS else f"{given[:ECHOED_CHARS]}…")
+
+
 class RunNotFoundError(OffloadError, LookupError):
     """Raised when no run has the given id (it was never deferred, or it was purged)."""
 
     def __init__(self, run_id: str) -> None:
-        super().__init__(f"No run with id {run_id!r}")
+        super().__init__(f"No run with id {_echo(run_id)}")
         self.run_id = run_id
 
 
@@ -94,7 +102,7 @@ class ScheduleNotFoundError(OffloadError, LookupError):
 
     def __init__(self, name: str, known: Sequence[str] = ()) -> None:
         hint = f"; known: {', '.join(sorted(known))}" if known else "; none is declared yet"
-        super().__init__(f"No schedule named {name!r}{hint}")
+        super().__init__(f"No schedule named {_echo(name)}{hint}")
         self.name = name
 
 
@@ -102,7 +110,7 @@ class QueueNotFoundError(OffloadError, LookupError):
     """Raised when no task declares, no worker consumes and no run waits in a queue."""
 
     def __init__(self, name: str, known: Sequence[str] = ()) -> None:
-        super().__init__(f"No queue named {name!r}; known: {', '.join(sorted(known))}")
+        super().__init__(f"No queue named {_echo(name)}; known: {', '.join(sorted(known))}")
         self.name = name
 
 

@@ -118,6 +118,10 @@ def test_unknown_ids_are_404_everywhere(serve: ServerFactory) -> None:
             assert response.json() == {
                 "detail": "No run with id '3f2a0000000000000000000000000000'"
             }
+        # An id of any length is answered, and the answer repeats only its start.
+        long = client.get(f"/tasks/{'7' * 5000}")
+        assert long.status_code == 404
+        assert long.json() == {"detail": f"No run with id '{'7' * 64}…'"}
 
 
 def test_cancel_a_pending_and_a_running_inline_run(serve: ServerFactory, tmp_path: Path) -> None:
