@@ -198,12 +198,16 @@ def _record_reports(user_id: int, run_ids: list[str], pages: int) -> None:
         )
 
 
-def _owns_report(user_id: int, run_id: str) -> bool:
-    with store.db(config).connect() as conn:
-        owner = conn.execute(
-            sa.select(store.reports.c.user_id).where(store.reports.c.run_id == run_id)
-        ).scalar()
-    return owner == user_id
+async def _users_row(user_id: int, key: sa.Column[Any], value: object) -> Any:
+    """The row of `key`'s table whose `key` is `value`, if it is `user_id`'s; else None."""
+    table = key.table
+
+    def read() -> Any:
+        with store.db(config).connect() as conn:
+            mine = sa.select(table).where(key == value, table.c.user_id == user_id)
+            return conn.execute(mine).first()
+
+    return await run_in_threadpool(read)
 
 
 @app.post("/reports", status_code=202)
@@ -232,15 +236,7 @@ async def list_reports(user: CurrentUser) -> list[ReportLinks]:
 
 @app.get("/reports/{run_id}/download", response_class=FileResponse)
 async def download_report(run_id: str, user: CurrentUser) -> FileResponse:
-    def find() -> Any:
-        with store.db(config).connect() as conn:
-            return conn.execute(
-                sa.select(store.reports).where(
-                    store.reports.c.run_id == run_id, store.reports.c.user_id == user
-                )
-            ).first()
-
-    report = await run_in_threadpool(find)
+    report = await _users_row(user, store.reports.c.run_id, run_id)
     if report is None:
         raise HTTPException(404, f"no report {run_id[:64]}")
     if report.expired:
@@ -258,7 +254,7 @@ async def _own_report(request: Request, run: RunStatus, _action: str) -> bool:
     user = auth.user_of(header.removeprefix("Bearer ")) if header.startswith("Bearer ") else None
     if user is None or run.task != render_report.name:
         return False
-    return await run_in_threadpool(_owns_report, user, run.id)
+    return await _users_row(user, store.reports.c.run_id, run.id) is not None
 
 
 # GET /reports/{id}, /reports/{id}/events (Server-Sent Events), POST /reports/{id}/cancel:
@@ -315,15 +311,7 @@ async def _payment_state(run_id: str) -> Literal["pending", "payment_failed"]:
 
 
 async def _order_status(user_id: int, order_id: int) -> OrderStatus:
-    def read() -> Any:
-        with store.db(config).connect() as conn:
-            return conn.execute(
-                sa.select(store.orders).where(
-                    store.orders.c.id == order_id, store.orders.c.user_id == user_id
-                )
-            ).first()
-
-    row = await run_in_threadpool(read)
+    row = await _users_row(user_id, store.orders.c.id, order_id)
     if row is None:
         raise HTTPException(404, f"no order {order_id}")
     if row.charge_id:

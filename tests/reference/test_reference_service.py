@@ -46,6 +46,18 @@ class Service:
         body: dict[str, Any] = answer.json()
         return {"Authorization": f"Bearer {body['token']}"}
 
+    def wait_orders(
+        self, headers: dict[str, str], ids: list[int], ended: set[str], timeout: float, what: str
+    ) -> list[dict[str, Any]]:
+        """The orders `ids` once every one's status is in `ended`."""
+
+        def all_ended() -> list[dict[str, Any]] | None:
+            found = [httpx.get(f"{self.base}/orders/{o}", headers=headers).json() for o in ids]
+            return found if all(f["status"] in ended for f in found) else None
+
+        result: list[dict[str, Any]] = wait_until(all_ended, timeout, what)
+        return result
+
 
 @contextlib.contextmanager
 def serving(data: Path, *options: str) -> Iterator[Service]:
@@ -252,11 +264,9 @@ def test_orders_through_a_provider_failing_half_its_calls_are_charged_at_most_on
     assert all(answer.status_code == 202 for answer in placed), [a.text for a in placed]
     orders = [answer.json()["id"] for answer in placed]
 
-    def settled() -> list[dict[str, Any]] | None:
-        found = [httpx.get(f"{service.base}/orders/{o}", headers=buyer).json() for o in orders]
-        return found if all(f["status"] != "pending" for f in found) else None
-
-    final = wait_until(settled, 120, "every order to be paid or to fail")
+    final = service.wait_orders(
+        buyer, orders, {"paid", "payment_failed"}, 120, "every order to be paid or to fail"
+    )
     charges = httpx.get(f"{service.outside}/v1/charges").json()
     per_order: dict[str, int] = {}
     for charge in charges:
@@ -299,11 +309,9 @@ def test_payments_in_flight_when_the_workers_are_killed_are_charged_once(
         quick = {"failure_rate": 0.0, "latency_s": 0.0}
         assert httpx.post(f"{service.outside}/v1/settings", json=quick).status_code == 200
 
-    def settled() -> list[dict[str, Any]] | None:
-        found = [httpx.get(f"{service.base}/orders/{o}", headers=buyer).json() for o in orders]
-        return found if all(f["status"] == "paid" for f in found) else None
-
-    paid = wait_until(settled, 120, "every order to be paid after the workers came back")
+    paid = service.wait_orders(
+        buyer, orders, {"paid"}, 120, "every order to be paid after the workers came back"
+    )
     for order in paid:
         charges = httpx.get(
             f"{service.outside}/v1/charges", params={"order_id": order["id"]}
@@ -317,13 +325,9 @@ def test_a_declined_payment_fails_at_once_without_retrying(service: Service) -> 
         f"{service.base}/orders", json={"amount_cents": 2_000_000}, headers=buyer
     ).json()
 
-    def failed() -> dict[str, Any] | None:
-        found: dict[str, Any] = httpx.get(
-            f"{service.base}/orders/{order['id']}", headers=buyer
-        ).json()
-        return found if found["status"] == "payment_failed" else None
-
-    dead = wait_until(failed, 60, "the declined payment to fail")
+    [dead] = service.wait_orders(
+        buyer, [order["id"]], {"payment_failed"}, 60, "the declined payment to fail"
+    )
     shown = offload_cli(
         "runs", "show", dead["run_id"], "--json", env={"OFFLOAD_DATA_DIR": str(service.data)}
     )
@@ -345,13 +349,9 @@ def test_a_payment_dead_lettered_after_its_last_try_is_replayed_and_charged_once
         placed = httpx.post(f"{service.base}/orders", json={"amount_cents": 4200}, headers=buyer)
         order = placed.json()
 
-        def failed() -> dict[str, Any] | None:
-            found: dict[str, Any] = httpx.get(
-                f"{service.base}/orders/{order['id']}", headers=buyer
-            ).json()
-            return found if found["status"] == "payment_failed" else None
-
-        dead = wait_until(failed, 120, "the payment to use its last try")
+        [dead] = service.wait_orders(
+            buyer, [order["id"]], {"payment_failed"}, 120, "the payment to use its last try"
+        )
     finally:
         up = {"failure_rate": 0.0, "latency_s": 0.0}
         assert httpx.post(f"{service.outside}/v1/settings", json=up).status_code == 200
@@ -369,13 +369,9 @@ def test_a_payment_dead_lettered_after_its_last_try_is_replayed_and_charged_once
     )
     assert replay.returncode == 0, replay.stderr
 
-    def paid() -> dict[str, Any] | None:
-        found: dict[str, Any] = httpx.get(
-            f"{service.base}/orders/{order['id']}", headers=buyer
-        ).json()
-        return found if found["status"] == "paid" else None
-
-    settled = wait_until(paid, 60, "the replayed payment to succeed")
+    [settled] = service.wait_orders(
+        buyer, [order["id"]], {"paid"}, 60, "the replayed payment to succeed"
+    )
     charges = httpx.get(f"{service.outside}/v1/charges", params={"order_id": order["id"]}).json()
     assert [c["id"] for c in charges] == [settled["charge_id"]]
     if before:
