@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -33,10 +32,10 @@ from starlette.concurrency import run_in_threadpool
 from offload import RunNotFoundError, RunState, RunStatus
 from reference import auth, store
 from reference.auth import CurrentUser
-from reference.config import Config
 from reference.sinks import MailSink, Outside
 from reference.tasks import (
     charge_order,
+    config,
     create_default_workspace,
     jobs,
     notify_slack,
@@ -46,8 +45,6 @@ from reference.tasks import (
     send_welcome_email,
 )
 
-logger = logging.getLogger("reference")
-config = Config.from_env()
 dev: dict[str, Any] = {}  # the running stand-ins, when this process started them
 
 Email = Annotated[

@@ -94,8 +94,8 @@ def engine(url: str) -> Engine:
     return made
 
 
-def db(config: Config | None = None) -> Engine:
-    return engine((config or Config.from_env()).database_url)
+def db(config: Config) -> Engine:
+    return engine(config.database_url)
 
 
 def now() -> float:

@@ -24,6 +24,7 @@ from reference.config import Config
 from reference.pdf import Activity, render_pdf
 
 jobs = Offload()
+config = Config.from_env()  # read once: the API and each worker inherit one environment
 
 SENDER = "hello@reference.offload.dev"
 
@@ -42,7 +43,6 @@ def _welcome(email: str) -> EmailMessage:
 
 @jobs.task(lane="inline", retries=2, backoff=Backoff(base=0.5, cap=5), timeout=30)
 async def send_welcome_email(email: str) -> None:
-    config = Config.from_env()
     await aiosmtplib.send(_welcome(email), hostname=config.smtp_host, port=config.smtp_port)
 
 
@@ -60,14 +60,14 @@ def _client() -> httpx.AsyncClient:
 
 @jobs.task(lane="inline", retries=2, backoff=Backoff(base=0.5, cap=5), timeout=10)
 async def notify_slack(text: str) -> None:
-    answer = await _client().post(Config.from_env().webhook_url, json={"text": text})
+    answer = await _client().post(config.webhook_url, json={"text": text})
     answer.raise_for_status()
 
 
 @jobs.task(lane="inline")
 def record_event(user_id: int, kind: str, amount_cents: int = 0) -> None:
     """An analytics row (a `def` task: the lane's own threads run the blocking insert)."""
-    with store.db().begin() as conn:
+    with store.db(config).begin() as conn:
         conn.execute(
             store.events.insert().values(
                 user_id=user_id, kind=kind, amount_cents=amount_cents, at=time.time()
@@ -77,7 +77,7 @@ def record_event(user_id: int, kind: str, amount_cents: int = 0) -> None:
 
 @jobs.task(lane="inline")
 def create_default_workspace(user_id: int, email: str) -> None:
-    with store.db().begin() as conn:
+    with store.db(config).begin() as conn:
         conn.execute(
             store.workspaces.insert().values(user_id=user_id, name=f"{email.split('@')[0]}'s")
         )
@@ -93,7 +93,6 @@ def report_path(config: Config, run_id: str) -> Path:
 @jobs.task(retries=3, backoff=Backoff(base=2, cap=60), timeout=300, cpu_bound=True)
 def render_report(ctx: TaskContext, user_id: int, pages: int = 12) -> dict[str, int | str]:
     """A PDF of the user's activity, page by page, progress after each page."""
-    config = Config.from_env()
     with store.db(config).connect() as conn:
         owner = conn.execute(
             sa.select(store.users.c.email).where(store.users.c.id == user_id)
@@ -134,7 +133,6 @@ class PaymentDeclined(Exception):
 def charge_order(ctx: TaskContext, order_id: int) -> str:
     """Charge an order exactly once: every try sends the same Idempotency-Key, so a try whose
     answer was lost (or whose worker died) is answered with the charge already made."""
-    config = Config.from_env()
     with store.db(config).connect() as conn:
         order = conn.execute(sa.select(store.orders).where(store.orders.c.id == order_id)).one()
     if order.charge_id:
@@ -168,7 +166,6 @@ def charge_order(ctx: TaskContext, order_id: int) -> str:
 @jobs.task(retries=2)
 def clean_up_reports() -> int:
     """Delete report files older than `REFERENCE_REPORT_TTL_S`; how many went."""
-    config = Config.from_env()
     cutoff = time.time() - config.report_ttl_s
     with store.db(config).begin() as conn:
         old = (
@@ -193,7 +190,6 @@ def clean_up_reports() -> int:
 @jobs.task(retries=3, backoff=Backoff(base=10, cap=300))
 def send_digest() -> int:
     """Email every user who did something yesterday (UTC) a summary; how many were sent."""
-    config = Config.from_env()
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     since, until = (today - timedelta(days=1)).timestamp(), today.timestamp()
     with store.db(config).connect() as conn:
