@@ -138,6 +138,7 @@ def test_schemathesis_finds_no_server_error_in_the_openapi_schema(tmp_path: Path
                 "--header",
                 f"Authorization: {headers['Authorization']}",
             ],
+            cwd=tmp_path,  # schemathesis keeps a .schemathesis/ cache where it runs
             capture_output=True,
             text=True,
             timeout=240,
