@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from starlette.background import BackgroundTask
 
 from offload import (
     ConfigurationError,
@@ -22,8 +23,10 @@ from offload import (
     TaskContext,
     TaskDefinitionError,
     Timeout,
+    metrics,
 )
 from offload.testing import wait_for_state
+from offload.web.guard import LoopGuard
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -207,6 +210,36 @@ async def test_guard_warns_once_naming_the_blocking_task(
     assert len(warnings) == 1
     assert f"by inline task 'blocks' (run {run.id})" in warnings[0]
     assert "time.sleep(seconds)" in warnings[0]
+
+
+async def test_guard_names_each_culprit_of_one_stall(caplog: pytest.LogCaptureFixture) -> None:
+    # Given a response whose endpoint blocks (FastAPI's first request to a route reads its
+    # source) and then a blocking background task, with no turn of the loop in between
+    caplog.set_level(logging.WARNING, logger="offload.guard")
+
+    async def post_report() -> None:
+        time.sleep(0.3)  # noqa: ASYNC251 - on purpose, for the guard
+
+    async def endpoint(scope: dict[str, str]) -> None:
+        time.sleep(0.3)  # noqa: ASYNC251 - on purpose, for the guard
+        await BackgroundTask(post_report)()
+
+    guard = LoopGuard()
+    guard.start()
+    episodes = metrics.LOOP_BLOCKED._value.get()
+    try:
+        await endpoint({"type": "http", "method": "POST", "path": "/reports"})
+        await asyncio.sleep(0.1)
+    finally:
+        guard.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "offload.guard"]
+    # Then the one stall names both, each once
+    assert len(warnings) == 2
+    assert warnings[0].startswith("event loop blocked for more than")
+    assert "by endpoint POST /reports, at " in warnings[0]
+    assert warnings[1].startswith("event loop still blocked for more than")
+    assert "post_report' after endpoint POST /reports, at " in warnings[1]
+    assert metrics.LOOP_BLOCKED._value.get() == episodes + 1
 
 
 async def test_a_sync_run_ignoring_cancel_is_interrupted_after_the_grace(jobs: Offload) -> None:

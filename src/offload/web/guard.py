@@ -3,9 +3,9 @@
 The loop sets a heartbeat every `interval_s`; a watchdog thread checks it. When the heartbeat is
 older than `threshold_s` (default 100 ms) the watchdog samples the loop thread's stack
 (`sys._current_frames()`), names what runs there (an inline task, a Starlette background task,
-or an endpoint) and logs one warning per blocking episode. `offload_event_loop_blocked_total`
-counts episodes, `offload_event_loop_blocked_seconds` their length and
-`offload_event_loop_lag_seconds` holds the latest lag.
+or an endpoint) and logs one warning per culprit of a blocking episode.
+`offload_event_loop_blocked_total` counts episodes, `offload_event_loop_blocked_seconds` their
+length and `offload_event_loop_lag_seconds` holds the latest lag.
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ class LoopGuard:
 
     def _watch(self) -> None:
         episode: float | None = None
+        named: set[str] = set()
         while not self._stop.wait(self.interval_s):
             beat = self._beat
             stalled = time.monotonic() - beat - self.interval_s
@@ -104,11 +105,19 @@ class LoopGuard:
                 episode = None  # the loop ran again
             if episode is None and stalled > self.threshold_s:
                 episode = beat
+                named = set()
                 self._flagged = True
                 metrics.LOOP_BLOCKED.inc()
-                self._report(stalled)
+            if episode is not None:
+                self._report(stalled, episode, named)
 
-    def _report(self, stalled_s: float) -> None:
+    def _report(self, stalled_s: float, episode: float, named: set[str]) -> None:
+        """Warn about what blocks the loop now, unless this episode already named it.
+
+        One episode can span several culprits: the loop runs a response and then its
+        background tasks without a turn in between, so the endpoint's first-request work and
+        a blocking background task are one stall. Each of them is named once.
+        """
         frame = sys._current_frames().get(self._loop_thread)
         if frame is None:
             return
@@ -117,10 +126,14 @@ class LoopGuard:
         task = asyncio.current_task(self._loop) if self._loop is not None else None
         frames = _chain(frame)
         culprit = _culprit(frames, task)
+        if culprit in named or (named and self._beat != episode):
+            return  # named already, or the loop moved on while we looked
+        named.add(culprit)
         where = _where(frames)
         RECENT.append(Blocked(time.time(), stalled_s, culprit, where))
         logger.warning(
-            "event loop blocked for more than %.0f ms by %s, at %s; %s\nblocking stack:\n%s",
+            "event loop %s for more than %.0f ms by %s, at %s; %s\nblocking stack:\n%s",
+            "still blocked" if len(named) > 1 else "blocked",
             stalled_s * 1000,
             culprit,
             where,
@@ -130,10 +143,14 @@ class LoopGuard:
 
 
 def _chain(frame: FrameType) -> list[FrameType]:
-    """`frame` and its callers, innermost first."""
-    frames = []
+    """`frame` and its callers, innermost first, up to the loop's running callback (the
+    frames below it, `asyncio.run` and whoever called it, are not what blocks)."""
+    frames: list[FrameType] = []
     current: FrameType | None = frame
     while current is not None:
+        code = current.f_code
+        if frames and code.co_name == "_run" and code.co_filename.endswith("asyncio/events.py"):
+            break
         frames.append(current)
         current = current.f_back
     return frames
@@ -172,29 +189,26 @@ def _endpoint(scope: Any) -> str | None:
     return f"endpoint {scope.get('method', '?')} {path}{named}"
 
 
-_LIBRARY = (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"], "<")
+_STDLIB = (sysconfig.get_paths()["stdlib"], "<")
+
+
+def _is_library(filename: str) -> bool:
+    return filename.startswith(_STDLIB) or "site-packages" in filename
 
 
 def _where(frames: list[FrameType]) -> str:
-    """The innermost frame outside the standard library and site-packages, else the innermost."""
-    chosen = next(
-        (
-            f
-            for f in frames
-            if not f.f_code.co_filename.startswith(_LIBRARY)
-            and "site-packages" not in f.f_code.co_filename
-        ),
-        frames[0],
+    """The innermost frame of the application, else of a library (a blocking FastAPI or driver
+    call says whose code it is), else the innermost: the standard library's frames never
+    name a culprit."""
+    chosen = (
+        next((f for f in frames if not _is_library(f.f_code.co_filename)), None)
+        or next((f for f in frames if not f.f_code.co_filename.startswith(_STDLIB)), None)
+        or frames[0]
     )
     return f"{chosen.f_code.co_filename}:{chosen.f_lineno} in {chosen.f_code.co_name}"
 
 
 def _stack(frames: list[FrameType]) -> list[str]:
-    """The formatted stack (`frames` innermost first), cut below the loop's running callback."""
-    for index, candidate in enumerate(frames):  # innermost first
-        code = candidate.f_code
-        if index and code.co_name == "_run" and code.co_filename.endswith("asyncio/events.py"):
-            frames = frames[:index]
-            break
+    """The formatted stack (`frames` innermost first), outermost first as tracebacks are."""
     summary = traceback.StackSummary.extract((f, f.f_lineno) for f in reversed(frames))
     return summary.format()
