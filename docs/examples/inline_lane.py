@@ -1,4 +1,7 @@
-"""README "The inline lane": fast background work after the response, without freezing the API."""
+"""README "The inline lane": fast background work after the response, without freezing the API.
+
+Needs httpx (`pip install httpx`) for the Slack notice: offload itself does not depend on it.
+"""
 
 from __future__ import annotations
 
