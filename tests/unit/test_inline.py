@@ -90,6 +90,18 @@ async def test_defer_outside_a_request_starts_at_once_with_a_typed_result(jobs: 
     assert (status.lane, status.state, status.attempts) == ("inline", RunState.SUCCESS, 1)
 
 
+async def test_a_run_waiting_for_a_thread_has_made_no_attempt(jobs: Offload) -> None:
+    first = await jobs.tasks["hold"].defer()  # the lane's one thread
+    await wait_for_state(first, RunState.STARTED)
+    waiting = await jobs.tasks["hold"].defer()
+    await asyncio.sleep(0.1)
+    status = await waiting.status()
+    assert (status.state, status.attempts) == (RunState.PENDING, 0)  # as the durable lane says
+    jobs.release.set()  # type: ignore[attr-defined]
+    await waiting.result(timeout=5)
+    assert (await waiting.status()).attempts == 1
+
+
 async def test_a_stopped_lane_refuses_with_the_fix(tmp_path: Path) -> None:
     jobs = build(tmp_path)
     with pytest.raises(ConfigurationError, match=r"FastAPI\(lifespan=jobs\.lifespan\)"):

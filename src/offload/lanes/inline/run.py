@@ -9,7 +9,15 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from offload.core.context import TaskContext
-from offload.core.run import ACTIVE_STATES, JSONValue, Lane, Progress, RunState, RunStatus
+from offload.core.run import (
+    ACTIVE_STATES,
+    WAITING_STATES,
+    JSONValue,
+    Lane,
+    Progress,
+    RunState,
+    RunStatus,
+)
 
 if TYPE_CHECKING:
     from offload.core.task import Task
@@ -53,7 +61,9 @@ class InlineRun:
             state=self.state,
             dead=False,
             progress=self.progress,
-            attempts=self.attempts,
+            # As in the ledger, an attempt counts once it starts: a run still waiting for a
+            # thread or a process (its attempt begun here, not there) shows the tries that failed.
+            attempts=self.failures if self.state in WAITING_STATES else self.attempts,
             result=self.result,
             error=self.error,
             created_at=datetime.fromtimestamp(self.created_at, UTC),
