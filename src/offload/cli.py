@@ -911,7 +911,8 @@ def workers(
         return
     if not found:
         typer.echo(
-            "no worker reported in the last hour; start one with: offload worker MODULE:jobs"
+            "no worker is running (a worker that stops cleanly signs off; one that died shows "
+            "as gone for an hour); start one with: offload worker MODULE:jobs"
         )
         return
     typer.echo(f"{'name':<28} {'state':<6} {'pool':<8} {'busy':>7}  {'last seen':<19}  queues")

@@ -1,4 +1,5 @@
-"""`offload runs list|show` as a user types them: a real `offload` process over a real ledger."""
+"""`offload runs`, `queues` and `workers` as a user types them: a real `offload` process over a
+real ledger."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from offload import Offload
-from tests.support import offload_cli
+from tests.support import WorkerProcess, offload_cli, wait_until
 
 
 def run_cli(*args: str, cwd: Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
@@ -98,3 +99,24 @@ def test_queues_pause_and_resume_from_the_cli(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)[0]["paused"] is False
     assert Offload(data_dir=tmp_path / "data").status_sync(waiting.id).state.value == "PENDING"
+
+
+def test_workers_lists_a_running_worker_and_says_none_runs_after_it_stops(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    worker = WorkerProcess(
+        "tests.apps.inline_app:jobs", {"OFFLOAD_DATA_DIR": str(data_dir)}, tmp_path / "w.log"
+    ).start()
+    try:
+        worker.wait_ready()
+
+        def listed_alive() -> str | None:
+            done = run_cli("workers", cwd=tmp_path, data_dir=data_dir)
+            return done.stdout if done.returncode == 0 and " alive " in done.stdout else None
+
+        assert wait_until(listed_alive, 30, "the worker in offload workers").startswith("name ")
+    finally:
+        worker.stop()
+    after = run_cli("workers", cwd=tmp_path, data_dir=data_dir)
+    assert after.returncode == 0, after.stderr
+    assert after.stdout.startswith("no worker is running (a worker that stops cleanly signs off")
+    assert "offload worker MODULE:jobs" in after.stdout
