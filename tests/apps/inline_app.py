@@ -120,6 +120,30 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+def _floats(scale: float) -> dict[str, Any]:
+    return {"whole": 3.0 * scale, "nested": [3.0], "infinite": [float("inf"), -float("inf")]}
+
+
+@jobs.task
+def floats(scale: float) -> float:
+    return 3.0 * scale
+
+
+@jobs.task
+def floats_untyped(scale: float) -> Any:
+    return _floats(scale)
+
+
+@jobs.task(lane="inline")
+def floats_inline(scale: float) -> float:
+    return 3.0 * scale
+
+
+@jobs.task(lane="inline")
+def floats_untyped_inline(scale: float) -> Any:
+    return _floats(scale)
+
+
 @jobs.task
 async def durable_stepper(ctx: TaskContext, release: str) -> str:
     ctx.progress(0.5, "halfway")

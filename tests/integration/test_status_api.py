@@ -105,6 +105,27 @@ def test_status_and_sse_work_for_durable_runs(
     assert seen[-1]["lane"] == "durable"
 
 
+def test_both_lanes_answer_floats_and_infinities_alike(
+    durable_server: tuple[Server, WorkerProcess],
+) -> None:
+    # A float result 3.0 came back as 3 from the SQLite ledger (a JSON column has NUMERIC
+    # affinity there), and infinity as null: JSON has no infinity, so it travels as a string.
+    server, worker = durable_server
+    worker.wait_ready()
+    untyped = {"whole": 3.0, "nested": [3.0], "infinite": ["Infinity", "-Infinity"]}
+    with httpx.Client(base_url=server.url) as client:
+        for suffix in ("", "_inline"):
+            typed = wait_status(client, defer(client, f"floats{suffix}", scale=1), "SUCCESS", 20)
+            assert isinstance(typed["result"], float), suffix
+            assert typed["result"] == 3.0, suffix
+            run_id = defer(client, f"floats_untyped{suffix}", scale=1)
+            body = wait_status(client, run_id, "SUCCESS", 20)
+            assert body["result"] == untyped, suffix
+            assert isinstance(body["result"]["whole"], float), suffix
+            infinite = defer(client, f"floats{suffix}", scale="Infinity")
+            assert wait_status(client, infinite, "SUCCESS", 20)["result"] == "Infinity", suffix
+
+
 def test_unknown_ids_are_404_everywhere(serve: ServerFactory) -> None:
     server = serve()
     with httpx.Client(base_url=server.url) as client:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -82,5 +83,59 @@ def test_a_version_1_ledger_is_upgraded_and_keeps_its_runs(url: str, tmp_path: P
         assert [s.last_run_id for s in jobs.list_schedules_sync()] == [fired.id]
         assert jobs.pause_queue_sync("default").paused  # version 5's paused queues
         assert not jobs.resume_queue_sync("default").paused
+    finally:
+        jobs.close()
+
+
+def as_version_5_on_sqlite(url: str) -> None:
+    """Declare the JSON columns `JSON` again, as offload up to schema 5 created them on SQLite
+    (NUMERIC affinity: the stored text `3.0` becomes the integer 3)."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for table, column in (("offload_runs", "args"), ("offload_runs", "result")):
+            conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column}_json JSON"))
+            conn.execute(sa.text(f"UPDATE {table} SET {column}_json = {column}"))
+            conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+            conn.execute(sa.text(f"ALTER TABLE {table} RENAME COLUMN {column}_json TO {column}"))
+        conn.execute(sa.text("UPDATE offload_meta SET value = '5' WHERE key = 'schema_version'"))
+    engine.dispose()
+
+
+def declared_types(url: str, table: str) -> dict[str, str]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(f"PRAGMA table_info({table})")).all()
+    engine.dispose()
+    return {row.name: row.type for row in rows}
+
+
+def test_a_version_5_sqlite_ledger_stores_json_as_text_and_keeps_its_runs(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    old = Offload(data_dir=tmp_path, ledger_url=url)
+
+    @old.task
+    def scale(factor: Any, label: str) -> Any:
+        return factor
+
+    kept = scale.defer_sync(factor=2.5, label="kept")
+    old.close()
+    as_version_5_on_sqlite(url)
+    assert declared_types(url, "offload_runs")["args"] == "JSON"
+
+    jobs = Offload(data_dir=tmp_path, ledger_url=url)
+    again = jobs.task(scale.fn)
+    try:
+        jobs.ledger.ensure_schema()
+        assert version_of(url) == SCHEMA_VERSION
+        types = declared_types(url, "offload_runs")
+        assert (types["args"], types["result"]) == ("TEXT", "TEXT")
+        assert declared_types(url, "offload_schedules")["args"] == "TEXT"
+        assert jobs.get_run_sync(kept.id).args == {"factor": 2.5, "label": "kept"}
+        whole = again.defer_sync(factor=3.0, label="new")
+        factor = jobs.get_run_sync(whole.id).args["factor"]
+        assert factor == 3.0
+        assert isinstance(factor, float)
     finally:
         jobs.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import random
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -171,6 +172,23 @@ class Call:
     idempotency_key: str | None
 
 
+# JSON has no infinity or NaN. Arguments and results carry them as the strings "Infinity",
+# "-Infinity" and "NaN" (pydantic's "strings" mode), which a `float` parameter or return type
+# reads back as floats; pydantic's default would turn them into null, and Python's json module
+# writes tokens that PostgreSQL's json type refuses. A pydantic model keeps its own config.
+_VALUES_CONFIG = ConfigDict(ser_json_inf_nan="strings")
+_ARGUMENTS_CONFIG = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
+
+
+def _result_adapter(returns: Any) -> TypeAdapter[Any]:
+    try:
+        return TypeAdapter(returns, config=_VALUES_CONFIG)
+    except PydanticUserError as exc:
+        if exc.code != "type-adapter-config-unused":
+            raise
+        return TypeAdapter(returns)  # a model, dataclass or TypedDict: its own config rules
+
+
 class _Signature:
     """The pydantic view of a task function's parameters and return type."""
 
@@ -203,13 +221,13 @@ class _Signature:
         self.positional_only = {p.name for p in parameters if p.kind is p.POSITIONAL_ONLY}
         try:
             self.model: type[BaseModel] = create_model(
-                f"{name}_arguments", __config__=ConfigDict(extra="forbid"), **fields
+                f"{name}_arguments", __config__=_ARGUMENTS_CONFIG, **fields
             )
             self.model.model_json_schema()
             self._validator = self.model.__pydantic_validator__
             self._serializer = self.model.__pydantic_serializer__
             returns = hints.get("return", Any)
-            self.result_adapter: TypeAdapter[Any] = TypeAdapter(returns)
+            self.result_adapter = _result_adapter(returns)
             self.result_adapter.json_schema()
         except (PydanticSchemaGenerationError, PydanticUserError) as exc:
             raise TaskDefinitionError(
@@ -258,7 +276,7 @@ class _Signature:
     def to_json(self, model: BaseModel) -> dict[str, JSONValue]:
         """The validated arguments as JSON-ready values (dates as ISO strings, models as dicts)."""
         try:
-            dumped: dict[str, JSONValue] = self._serializer.to_python(model, mode="json")
+            dumped: dict[str, JSONValue] = json.loads(self._serializer.to_json(model))
         except Exception as exc:
             raise TaskArgumentsError(
                 f"{self.name}(): arguments cannot travel as JSON: {exc}"
@@ -326,7 +344,7 @@ class Task(Generic[P, R]):
 
     def encode_result(self, value: Any) -> JSONValue:
         """A returned value as the JSON the ledger and the status API hold."""
-        return self.signature.result_adapter.dump_python(value, mode="json")
+        return json.loads(self.signature.result_adapter.dump_json(value))
 
     def options(
         self,

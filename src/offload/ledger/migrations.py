@@ -52,11 +52,30 @@ def _paused_queues(conn: Connection) -> None:
     queues.create(conn)
 
 
+def _json_as_text(conn: Connection) -> None:
+    """Version 6: on SQLite, JSON columns become TEXT (see `schema.Json`). SQLite cannot change
+    a column's type, so each is copied into a new TEXT column that takes its name. A float
+    that was already stored as an integer stays one: the text `3.0` is gone."""
+    if conn.dialect.name != "sqlite":
+        return
+    for table, column, not_null in (
+        ("offload_runs", "args", True),
+        ("offload_runs", "result", False),
+        ("offload_schedules", "args", True),
+    ):
+        declared = "TEXT NOT NULL DEFAULT '{}'" if not_null else "TEXT"
+        conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column}_text {declared}"))
+        conn.execute(sa.text(f"UPDATE {table} SET {column}_text = {column}"))
+        conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        conn.execute(sa.text(f"ALTER TABLE {table} RENAME COLUMN {column}_text TO {column}"))
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     2: _replays_and_retention,
     3: _run_stats,
     4: _schedules,
     5: _paused_queues,
+    6: _json_as_text,
 }
 """target version -> function that upgrades from the version before it."""
 

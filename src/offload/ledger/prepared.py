@@ -56,7 +56,7 @@ class Prepared:
         if row_type is None:
             row_type = self._row_types[names] = collections.namedtuple("Row", names)
         decode = [name in _JSON_COLUMNS for name in names]
-        # A JSON column has NUMERIC affinity in SQLite: a number comes back as a number.
+        # JSON columns hold text (schema.Json); NULL comes back as None.
         return [
             row_type(
                 *(

@@ -7,11 +7,25 @@ Floats keep comparisons (heartbeats, due times) cheap and identical on SQLite an
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Bump with a migration in `migrations.py` whenever a table below changes."""
 
 metadata = sa.MetaData()
+
+
+class Json(sa.JSON):
+    """JSON, stored as TEXT on SQLite. A column declared `JSON` there has NUMERIC affinity:
+    SQLite turns the stored text `3.0` into the integer 3, so a float result came back an int."""
+
+    cache_ok = True
+
+
+@compiles(Json, "sqlite")
+def _json_as_text(element: Json, compiler: object, **kw: object) -> str:
+    return "TEXT"
+
 
 meta = sa.Table(
     "offload_meta",
@@ -31,8 +45,8 @@ runs = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     # FAILURE runs that used their last try: the dead-letter queue is `WHERE dead`.
     sa.Column("dead", sa.Boolean, nullable=False, default=False),
-    sa.Column("args", sa.JSON, nullable=False),
-    sa.Column("result", sa.JSON),
+    sa.Column("args", Json, nullable=False),
+    sa.Column("result", Json),
     sa.Column("error", sa.Text),
     sa.Column("progress_fraction", sa.Float),
     sa.Column("progress_message", sa.String(500)),
@@ -137,7 +151,7 @@ schedules = sa.Table(
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("task", sa.String(200), nullable=False),
     sa.Column("spec", sa.String(300), nullable=False),
-    sa.Column("args", sa.JSON, nullable=False),
+    sa.Column("args", Json, nullable=False),
     sa.Column("catch_up", sa.String(8), nullable=False),
     sa.Column("paused", sa.Boolean, nullable=False, default=False),
     sa.Column("next_fire_at", sa.Float),  # NULL while paused
