@@ -231,15 +231,19 @@ def test_a_paused_queue_holds_its_runs_until_it_is_resumed(durable: Durable) -> 
     assert durable.jobs.pause_queue_sync(queue).paused
     try:
         runs = [durable.task("add").defer_sync(n, n) for n in range(3)]
+        # A cpu_bound run waits in the broker queue `default.cpu`, but its queue is `default`:
+        # pausing `default` holds it too.
+        in_a_process = durable.task("where_am_i").defer_sync()
         # The worker got every message and left its run waiting in the ledger.
-        wait_until(lambda: held() == 3, 20, "the worker to hold the paused queue's runs")
-        for run in runs:
+        wait_until(lambda: held() == 4, 20, "the worker to hold the paused queue's runs")
+        for run in [*runs, in_a_process]:
             status = run.status_sync()
-            assert (status.state, status.attempts) == (RunState.PENDING, 0)
+            assert (status.state, status.attempts, status.queue) == (RunState.PENDING, 0, queue)
     finally:
         resumed = durable.jobs.resume_queue_sync(queue)
     assert not resumed.paused
     assert [run.result_sync(timeout=20) for run in runs] == [0, 2, 4]
+    assert in_a_process.result_sync(timeout=20)["process"] != "MainProcess"
     assert held() == 0
 
 
