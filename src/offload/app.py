@@ -444,7 +444,8 @@ class Offload:
 
     @property
     def celery(self) -> Celery:
-        """The Celery app behind the durable lane: `celery -A module:jobs.celery worker`."""
+        """The Celery app behind the durable lane. Celery's `-A` takes a module attribute:
+        name it (`celery_app = jobs.celery`), then `celery -A module:celery_app worker`."""
         return self.durable.celery
 
     @property

@@ -51,6 +51,7 @@ class Settings(BaseModel):
     | `worker_processes` | 2 | consumer processes for I/O tasks (threads inside each) |
     | `worker_threads` | 4 | threads per I/O consumer process |
     | `worker_cpu_processes` | number of cores | prefork processes for `cpu_bound` tasks |
+    | `task_events` | false | workers send Celery task events (Flower, celery-exporter) |
     | `inline_max_concurrency` | 100 | inline runs running at once in the API process |
     | `inline_max_backlog` | 1000 | inline runs waiting for a slot; then `defer()` spills or fails |
     | `inline_threads` | 8 | threads for sync inline tasks (not the endpoints' pool) |
@@ -87,6 +88,7 @@ class Settings(BaseModel):
     worker_processes: int = Field(default=2, ge=1)
     worker_threads: int = Field(default=4, ge=1)
     worker_cpu_processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    task_events: bool = False
     inline_max_concurrency: int = Field(default=100, ge=1)
     inline_max_backlog: int = Field(default=1000, ge=0)
     inline_threads: int = Field(default=8, ge=1)
@@ -138,7 +140,7 @@ class Settings(BaseModel):
                 if name in _JSON_FIELDS:
                     values[name] = _parse_json(ENV_PREFIX + name.upper(), values[name])
         try:
-            return cls(**values)
+            settings = cls(**values)
         except ValidationError as exc:
             error = exc.errors()[0]
             name = str(error["loc"][0])
@@ -151,6 +153,12 @@ class Settings(BaseModel):
                 shown = "***"
             message = str(error["msg"]).removeprefix("Value error, ")
             raise ConfigurationError(f"{source} {key}={shown!r} is invalid: {message}") from None
+        if settings.task_events and settings.broker_scheme == "sqlite":
+            raise ConfigurationError(
+                "task_events needs a broker that broadcasts (Redis or RabbitMQ): Celery sends "
+                "its events to every listener, which the embedded SQLite broker cannot"
+            )
+        return settings
 
     @property
     def resolved_broker_url(self) -> str:

@@ -35,6 +35,7 @@ def run_celery_worker(
         f"--loglevel={loglevel}",
         "--without-gossip",
         "--without-mingle",
-        "--without-heartbeat",
     ]
+    if not jobs.settings.task_events:
+        argv.append("--without-heartbeat")  # worker-heartbeat events: Flower's "online"
     jobs.celery.worker_main(argv)

@@ -24,6 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from offload.core import attempt
@@ -53,6 +54,16 @@ class HandBack(Exception):
     the ledger stayed unreachable, or publishing a retry failed. The broker delivers it again."""
 
 
+@dataclass(frozen=True)
+class Ended:
+    """How an attempt ended, as the ledger recorded it: what Celery's task events are told."""
+
+    state: RunState  # SUCCESS, RETRY, FAILURE or CANCELLED
+    result: Any = None  # SUCCESS: the JSON result
+    error: str | None = None  # RETRY, FAILURE: the attempt's error
+    retry_in_s: float | None = None  # RETRY: when the next attempt is due
+
+
 _loops = threading.local()
 
 
@@ -75,8 +86,12 @@ class Executor:
         self._republish_message = republish
         self.identity = ""
 
-    def execute(self, task: Task[Any, Any], run_id: str, message_kwargs: dict[str, Any]) -> None:
-        """Handle one delivery of `run_id`. Returns normally when the message may be acked.
+    def execute(
+        self, task: Task[Any, Any], run_id: str, message_kwargs: dict[str, Any]
+    ) -> Ended | None:
+        """Handle one delivery of `run_id`. Returns normally when the message may be acked:
+        how its attempt ended, or None if it ran no attempt (skipped, parked) or its outcome
+        was not recorded (the attempt had been declared lost).
 
         Raises `HandBack` when it may not.
         """
@@ -102,13 +117,13 @@ class Executor:
         )
         if isinstance(outcome, queries.Skip):
             logger.info("run %s %s skipped: %s", run_id, task.name, outcome.reason)
-            return
+            return None
         if isinstance(outcome, queries.Park):
             delay = max(0.0, outcome.until - clock())
             logger.info("run %s %s parked %.1fs: %s", run_id, task.name, delay, outcome.reason)
             self._republish(task, run_id, delay)
-            return
-        self._attempt(task, run_id, outcome)
+            return None
+        return self._attempt(task, run_id, outcome)
 
     def _persist(
         self, run_id: str, task: Task[Any, Any], doing: str, write: Callable[[Any], T]
@@ -159,7 +174,7 @@ class Executor:
     def _cancelled_among(self, run_ids: Sequence[str]) -> list[str]:
         return self.ledger.read(functools.partial(queries.cancel_requested_among, run_ids=run_ids))
 
-    def _attempt(self, task: Task[Any, Any], run_id: str, claimed: queries.Claimed) -> None:
+    def _attempt(self, task: Task[Any, Any], run_id: str, claimed: queries.Claimed) -> Ended | None:
         number = claimed.attempt
         clock = self.ledger.clock
         logger.debug("run %s %s attempt %d started", run_id, task.name, number)
@@ -200,14 +215,13 @@ class Executor:
         except Exception as exc:  # noqa: BLE001 - every task error is recorded in the ledger
             ctx.flush()
             failure = attempt.describe(exc, task.policy)
-            self._failed(task, run_id, number, claimed.failures, failure, started)
-            return
+            return self._failed(task, run_id, number, claimed.failures, failure, started)
         ctx.flush()
-        self._record_returned(task, run_id, number, result, started)
+        return self._record_returned(task, run_id, number, result, started)
 
     def _record_cancelled(
         self, task: Task[Any, Any], run_id: str, number: int, started: float
-    ) -> None:
+    ) -> Ended | None:
         """The task stopped for a cancel (`TaskCancelledError`): CANCELLED."""
         now = self.ledger.clock()
         recorded = self._persist(
@@ -216,14 +230,15 @@ class Executor:
             "recording its cancellation",
             lambda conn: queries.finish_cancelled(conn, run_id, number, now),
         )
-        if recorded:
-            self._finished(task, run_id, number, RunState.CANCELLED, started)
-        else:
+        if not recorded:
             self._log_unrecorded(task, run_id, number)
+            return None
+        self._finished(task, run_id, number, RunState.CANCELLED, started)
+        return Ended(RunState.CANCELLED)
 
     def _record_returned(
         self, task: Task[Any, Any], run_id: str, number: int, result: Any, started: float
-    ) -> None:
+    ) -> Ended | None:
         """The task returned: SUCCESS, or CANCELLED if its run was cancelled meanwhile."""
         now = self.ledger.clock()
         state = self._persist(
@@ -234,8 +249,9 @@ class Executor:
         )
         if state is None:
             self._log_unrecorded(task, run_id, number)
-        else:
-            self._finished(task, run_id, number, state, started)
+            return None
+        self._finished(task, run_id, number, state, started)
+        return Ended(state, result=result if state is RunState.SUCCESS else None)
 
     @staticmethod
     def _finished(
@@ -319,11 +335,10 @@ class Executor:
         started: float,
         *,
         republish: bool = True,
-    ) -> None:
+    ) -> Ended | None:
         """Record a failed attempt and schedule the next one, or declare the run dead."""
         if failure.outcome is Outcome.CANCELLED:
-            self._record_cancelled(task, run_id, number, started)
-            return
+            return self._record_cancelled(task, run_id, number, started)
         wait = attempt.retry_in(task.policy, failure, failures_before + 1)
         now = self.ledger.clock()
         retry_at = None if wait is None else now + wait
@@ -350,7 +365,10 @@ class Executor:
                 number,
                 failure.error,
             )
-            return
+            return None
         attempt.log_failure(logger, run_id, task.name, number, failure, wait, dead=True)
-        if wait is not None and republish:
+        if wait is None:
+            return Ended(RunState.FAILURE, error=failure.error)
+        if republish:
             self._republish(task, run_id, wait)
+        return Ended(RunState.RETRY, error=failure.error, retry_in_s=wait)

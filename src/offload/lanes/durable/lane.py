@@ -23,6 +23,7 @@ from offload import transport
 from offload.core.run import Lane, new_run_id
 from offload.core.task import MAX_PRIORITY, Call, Task
 from offload.errors import TaskArgumentsError
+from offload.lanes.durable.celery_events import RunFailed, report
 from offload.lanes.durable.executor import Executor, HandBack
 from offload.lanes.durable.heartbeat import heartbeat_step
 from offload.lanes.durable.poison import consumer_class
@@ -82,7 +83,9 @@ def celery_config(settings: Settings, ledger: Ledger) -> dict[str, Any]:
         "task_default_priority": None,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
-        "worker_send_task_events": False,
+        # Off unless asked for: an event per received, started and finished run costs a
+        # broker publish each; Flower and celery-exporter need them.
+        "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
         "worker_enable_remote_control": scheme != "sqlite",
         # A channel error must not reconnect the consumer: the reconnect hands back the
@@ -130,6 +133,7 @@ class DurableLane:
     def register(self, task: Task[Any, Any]) -> None:
         """Declare `task` to Celery under its own name."""
         execute = self.executor.execute
+        tell_celery = self._settings.task_events
         options: dict[str, Any] = {
             "name": task.name,
             # Not shared: Celery would otherwise add it to every app created later.
@@ -140,13 +144,16 @@ class DurableLane:
             "reject_on_worker_lost": True,
             "ignore_result": True,
             "serializer": "json",
+            # Expected: Celery logs a failed attempt in one line (offload logged it already).
+            "throws": (RunFailed,),
         }
 
-        def run(celery_task: Any, **kwargs: Any) -> None:
+        def run(celery_task: Any, **kwargs: Any) -> Any:
             try:
-                execute(task, celery_task.request.id, kwargs)
+                ended = execute(task, celery_task.request.id, kwargs)
             except HandBack as exc:
                 raise Reject(str(exc), requeue=True) from None
+            return None if ended is None or not tell_celery else report(celery_task, ended)
 
         run.__name__ = task.name.rsplit(".", 1)[-1]
         run.__qualname__ = run.__name__
