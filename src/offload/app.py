@@ -548,7 +548,7 @@ class Offload:
         `app.mount("/metrics", jobs.metrics_app())`."""
         from offload.web.metrics import build_metrics_app
 
-        return build_metrics_app(self.ledger, self.settings.stale_after_s)
+        return build_metrics_app(lambda: self.ledger, self.settings.stale_after_s)
 
     # --- runs ------------------------------------------------------------------------------
     # Every question has a blocking twin (`..._sync`) and an async form that asks the ledger
@@ -840,6 +840,29 @@ class Offload:
         return await self._blocking.run(
             functools.partial(self.overview_sync, running_limit=running_limit)
         )
+
+    def _rebind(self, settings: Settings, clock: Callable[[], float]) -> Callable[[], None]:
+        """Point this app at other settings (stores, broker) and clock until the returned
+        function restores it: `offload.testing` gives each test its own. The inline lane
+        stays: a FastAPI app's lifespan already holds it."""
+        saved = (self.settings, self.clock, self.ledger, self._durable)
+        self.settings = settings
+        self.clock = clock
+        self.ledger = Ledger(
+            settings.resolved_ledger_url, clock=clock, busy_timeout_s=settings.ledger_busy_timeout_s
+        )
+        self._durable = None
+        for task in self.tasks.values():
+            if task.policy.runs_on_workers:
+                self.durable.register(task)
+
+        def restore() -> None:
+            if self._durable is not None:
+                self._durable.close()
+            self.ledger.dispose()
+            self.settings, self.clock, self.ledger, self._durable = saved
+
+        return restore
 
     def check_ledger(self) -> None:
         """Raise `LedgerError` unless the ledger exists; creates nothing (for read-only tools)."""

@@ -67,12 +67,12 @@ def _gauge(name: str, documentation: str, label: str, values: Mapping[str, int])
 class LedgerCollector:
     """This process's families, with the ledger's durable-lane series joined in."""
 
-    def __init__(self, ledger: Ledger, stale_after_s: float) -> None:
-        self.ledger = ledger
+    def __init__(self, ledger: Callable[[], Ledger], stale_after_s: float) -> None:
+        self.ledger = ledger  # asked on every scrape: offload.testing swaps an app's ledger
         self.stale_after_s = stale_after_s
 
     def _read(self, conn: Any) -> Snapshot:
-        now = self.ledger.clock()
+        now = self.ledger().clock()
         return Snapshot(
             counts=stats.read(conn),
             depths={q.name: q.due for q in queries.queue_statuses(conn, now) if q.due},
@@ -82,7 +82,7 @@ class LedgerCollector:
 
     def _snapshot(self) -> Snapshot | None:
         try:
-            return self.ledger.read(self._read)
+            return self.ledger().read(self._read)
         except LedgerError:
             logger.warning("/metrics: the ledger cannot be read", exc_info=True)
             return None
@@ -132,7 +132,7 @@ class LedgerCollector:
         )
 
 
-def build_metrics_app(ledger: Ledger, stale_after_s: float) -> Callable[..., Any]:
+def build_metrics_app(ledger: Callable[[], Ledger], stale_after_s: float) -> Callable[..., Any]:
     """An ASGI app answering every request with the exposition (mount it anywhere)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(LedgerCollector(ledger, stale_after_s))

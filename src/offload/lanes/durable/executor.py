@@ -80,10 +80,20 @@ def _event_loop_runner() -> asyncio.Runner:
 class Executor:
     """Runs attempts of one app's durable runs in a worker process."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, republish: Republish) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        republish: Republish,
+        *,
+        may_end_process: bool = True,
+    ) -> None:
         self.settings = settings
         self.ledger = ledger
         self._republish_message = republish
+        # False in a test process (offload.testing): a hard timeout or an ignored cancel
+        # would end it, so neither is enforced there; soft timeouts still are.
+        self.may_end_process = may_end_process
         self.identity = ""
 
     def execute(
@@ -292,11 +302,14 @@ class Executor:
             )
 
         running = Running(task.name, number, threading.get_ident(), ctx, record_cancelled)
-        cancel_watcher.add(run_id, running, self._cancelled_among, self.settings.cancel_grace_s)
+        if self.may_end_process:
+            grace = self.settings.cancel_grace_s
+            cancel_watcher.add(run_id, running, self._cancelled_among, grace)
         try:
             timeout = task.policy.timeout
             if timeout is None:
                 return self._run(task, ctx, kwargs, None)
+            hard_s = timeout.hard_s if self.may_end_process else None
 
             def on_hard() -> None:
                 error = TaskTimeoutError(
@@ -308,13 +321,14 @@ class Executor:
 
             # An async task's soft deadline is an asyncio timeout; the watchdog keeps the hard one.
             soft_s = None if task.is_async else timeout.soft
-            token = watchdog.arm(soft_s=soft_s, hard_s=timeout.hard_s, on_hard=on_hard)
+            token = watchdog.arm(soft_s=soft_s, hard_s=hard_s, on_hard=on_hard)
             try:
                 return self._run(task, ctx, kwargs, timeout.soft)
             finally:
                 watchdog.disarm(token)
         finally:
-            cancel_watcher.remove(run_id)
+            if self.may_end_process:
+                cancel_watcher.remove(run_id)
 
     @staticmethod
     def _run(

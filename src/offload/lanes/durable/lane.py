@@ -13,7 +13,7 @@ work), and the ledger hears that running attempts are alive every `heartbeat_int
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from celery import Celery
@@ -24,6 +24,7 @@ from offload.core.run import Lane, new_run_id
 from offload.core.task import MAX_PRIORITY, Call, Task
 from offload.errors import TaskArgumentsError
 from offload.lanes.durable.celery_events import RunFailed, report
+from offload.lanes.durable.eager import EagerPublisher
 from offload.lanes.durable.executor import Executor, HandBack
 from offload.lanes.durable.heartbeat import heartbeat_step
 from offload.lanes.durable.poison import consumer_class
@@ -121,7 +122,9 @@ class DurableLane:
         self._routes: dict[str, dict[str, str]] = {}
         self.celery.conf.task_routes = (self._routes,)
         self._celery_tasks: dict[str, Any] = {}
-        self.publisher = Publisher(self.celery, settings, tasks, self._celery_tasks)
+        self.publisher: Publisher | EagerPublisher = Publisher(
+            self.celery, settings, tasks, self._celery_tasks
+        )
         self.executor = Executor(settings, ledger, self.publisher.publish_one)
         sweep_every = max(1.0, settings.orphan_after_s / 4)
         chores = [
@@ -129,6 +132,13 @@ class DurableLane:
             (settings.retention_interval_s, self.expire),
         ]
         self.celery.steps["worker"].add(heartbeat_step(ledger, settings, chores))
+
+    def run_in_process(self, advance_clock: Callable[[float], None]) -> EagerPublisher:
+        """From now on, run each published run at once in this process (`offload.testing`)."""
+        eager = EagerPublisher(self._settings, self._ledger, self._tasks, advance_clock)
+        self.publisher = eager
+        self.executor = eager.executor
+        return eager
 
     def register(self, task: Task[Any, Any]) -> None:
         """Declare `task` to Celery under its own name."""

@@ -62,11 +62,12 @@ class Watchdog:
         self,
         *,
         soft_s: float | None,
-        hard_s: float,
+        hard_s: float | None,
         on_hard: Callable[[], None],
         thread_id: int | None = None,
     ) -> int:
-        """Watch the calling thread; returns a token for `disarm()`."""
+        """Watch the calling thread; returns a token for `disarm()`. Without `hard_s`, only
+        the soft deadline is enforced (a test process runs attempts that must not end it)."""
         now = self._clock()
         token = next(self._tokens)
         ident = thread_id if thread_id is not None else threading.get_ident()
@@ -76,7 +77,8 @@ class Watchdog:
             self._armed.add(token)
             if soft_s is not None:
                 heapq.heappush(self._heap, _Deadline(now + soft_s, token, True, ident, on_hard))
-            heapq.heappush(self._heap, _Deadline(now + hard_s, token, False, ident, on_hard))
+            if hard_s is not None:
+                heapq.heappush(self._heap, _Deadline(now + hard_s, token, False, ident, on_hard))
             self._cond.notify()
         return token
 

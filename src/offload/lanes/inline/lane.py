@@ -133,6 +133,11 @@ class InlineLane:
         return self._loop is not None
 
     @property
+    def unfinished(self) -> int:
+        """Runs admitted and not finished: waiting for a slot or the response, or running."""
+        return self._admitted
+
+    @property
     def is_stopping(self) -> bool:
         """True once shutdown began: `defer()` spills or raises `LaneFullError` from then on."""
         return self._stopping
@@ -601,6 +606,13 @@ class InlineLane:
                 idle = self._admitted == 0
             if idle and self._idle is not None:
                 self._idle.set()
+
+    def forget_finished(self) -> None:
+        """Drop every finished run from memory (`offload.testing`: each test starts empty)."""
+        for run in [r for r in self._runs.values() if r.state in TERMINAL_STATES]:
+            self._forget(run)
+        kept = set(self._runs)
+        self._finished = deque(run_id for run_id in self._finished if run_id in kept)
 
     # --- asking about runs --------------------------------------------------------------------
 
