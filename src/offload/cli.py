@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -16,6 +17,7 @@ import textwrap
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -60,11 +62,47 @@ app.add_typer(queues_app, name="queues")
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log more; show tracebacks.")]
 
 
-def _setup_logging(verbose: bool) -> None:
+class LogLevel(StrEnum):
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+
+
+LogLevelOption = Annotated[
+    LogLevel | None,
+    typer.Option(
+        "--log-level",
+        case_sensitive=False,
+        help="For offload, uvicorn and the Celery workers (default warning; -v means info). "
+        "At info or debug the workers also print Celery's banner.",
+    ),
+]
+
+
+def _level(log_level: LogLevel | None, verbose: bool) -> str:
+    """The level asked for, as logging and Celery spell it: "WARNING" unless told."""
+    if log_level is not None:
+        return log_level.value.upper()
+    return "INFO" if verbose else "WARNING"
+
+
+def _setup_logging(verbose: bool, level: str | None = None) -> None:
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
+        level=level or ("INFO" if verbose else "WARNING"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def _say_if_root(command: str) -> None:
+    """Celery warns once per consumer when it runs as root; offload's workers accept JSON
+    only, which takes away the reason (pickle runs code), so one line says it instead."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        typer.echo(
+            f"offload {command}: running as root; workers accept JSON only, but prefer an "
+            "unprivileged user in production"
+        )
 
 
 def _fail(exc: Exception, verbose: bool) -> typer.Exit:
@@ -97,6 +135,7 @@ def worker(
         float,
         typer.Option(help="Seconds to let running tasks finish on SIGTERM before killing them."),
     ] = 30.0,
+    log_level: LogLevelOption = None,
     verbose: Verbose = False,
 ) -> None:
     """Run worker processes for the durable lane until SIGTERM or Ctrl-C.
@@ -107,7 +146,8 @@ def worker(
     """
     from offload.worker import Supervisor, load_offload
 
-    _setup_logging(verbose)
+    level = _level(log_level, verbose)
+    _setup_logging(verbose, level)
     try:
         jobs = load_offload(spec)
         jobs.ledger.ensure_schema()
@@ -115,7 +155,7 @@ def worker(
             spec,
             jobs,
             queues=queues,
-            loglevel="INFO" if verbose else "WARNING",
+            loglevel=level,
             low_priority=low_priority,
             shutdown_timeout_s=shutdown_timeout,
         )
@@ -126,6 +166,7 @@ def worker(
         f"offload worker: {len(supervisor.children)} process(es) [{names}] on "
         f"{jobs.durable.queues(cpu_bound=False) + jobs.durable.queues(cpu_bound=True)}"
     )
+    _say_if_root("worker")
     raise typer.Exit(supervisor.run_forever())
 
 
@@ -152,6 +193,7 @@ def serve(
         bool,
         typer.Option(help="Fire the app's schedules (several processes may: one fires)."),
     ] = True,
+    log_level: LogLevelOption = None,
     verbose: Verbose = False,
 ) -> None:
     """Run the API with uvicorn plus an embedded worker and the scheduler: one command, no
@@ -167,7 +209,8 @@ def serve(
     from offload.web.dashboard import mounted_dashboards
     from offload.worker import Supervisor, embedded_worker_lock, load_offload
 
-    _setup_logging(verbose)
+    level = _level(log_level, verbose)
+    _setup_logging(verbose, level)
     module = spec.partition(":")[0]
     worker_spec = jobs_spec or module
     try:
@@ -196,9 +239,14 @@ def serve(
     with embedded_worker_lock(jobs.settings.data_dir) as owner:
         supervisor = None
         if embedded_worker and owner:
-            supervisor = Supervisor(worker_spec, jobs, low_priority=True)
+            supervisor = Supervisor(worker_spec, jobs, loglevel=level, low_priority=True)
             supervisor.start()
-            typer.echo(f"offload serve: embedded worker for {jobs.settings.data_dir}")
+            names = ", ".join(child.name for child in supervisor.children)
+            typer.echo(
+                f"offload serve: embedded worker for {jobs.settings.data_dir} "
+                f"({len(supervisor.children)} low-priority process(es): {names})"
+            )
+            _say_if_root("serve")
             stop = threading.Event()
 
             def keep_alive() -> None:
@@ -221,7 +269,7 @@ def serve(
         # found here turn it into an exit that runs the `finally` below.
         previous = {signum: signal.signal(signum, _exit_served) for signum in _STOP_SIGNALS}
         try:
-            uvicorn.run(spec, host=host, port=port, log_level="info" if verbose else "warning")
+            uvicorn.run(spec, host=host, port=port, log_level=level.lower())
         finally:
             if runner is not None:
                 runner.stop()
