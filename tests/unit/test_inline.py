@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pytest
 from starlette.background import BackgroundTask
 
@@ -222,6 +224,7 @@ async def test_guard_warns_once_naming_the_blocking_task(
     assert len(warnings) == 1
     assert f"by inline task 'blocks' (run {run.id})" in warnings[0]
     assert "time.sleep(seconds)" in warnings[0]
+    assert "or declare the task def (it then runs on the inline lane's threads)" in warnings[0]
 
 
 async def test_guard_names_each_culprit_of_one_stall(caplog: pytest.LogCaptureFixture) -> None:
@@ -249,9 +252,35 @@ async def test_guard_names_each_culprit_of_one_stall(caplog: pytest.LogCaptureFi
     assert len(warnings) == 2
     assert warnings[0].startswith("event loop blocked for more than")
     assert "by endpoint POST /reports, at " in warnings[0]
+    assert "declare the endpoint def (FastAPI runs it on its threadpool)" in warnings[0]
+    assert "task def" not in warnings[0]
     assert warnings[1].startswith("event loop still blocked for more than")
     assert "post_report' after endpoint POST /reports, at " in warnings[1]
+    assert "in an async def BackgroundTasks function" in warnings[1]
     assert metrics.LOOP_BLOCKED._value.get() == episodes + 1
+
+
+async def test_guard_says_when_no_line_of_the_application_blocks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a library's own blocking call (psutil waiting for a process) run by the loop with
+    # none of this application's code on the stack, as FastAPI's first /openapi.json build is
+    caplog.set_level(logging.WARNING, logger="offload.guard")
+    sleeper = subprocess.Popen(["sleep", "0.4"])  # noqa: ASYNC220 - returns at once
+    guard = LoopGuard()
+    guard.start()
+    try:
+        asyncio.get_running_loop().call_soon(psutil.Process(sleeper.pid).wait)
+        await asyncio.sleep(0.6)
+    finally:
+        guard.stop()
+        sleeper.wait()
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "offload.guard"]
+    # Then the guard names the library and gives advice that fits it, not about a task def
+    assert "by a callback outside any task, at " in warning
+    assert "/psutil/" in warning.split(";")[0]
+    assert "no line of the application is on the stack: psutil blocks on its own" in warning
+    assert "declare" not in warning
 
 
 async def test_a_sync_run_ignoring_cancel_is_interrupted_after_the_grace(jobs: Offload) -> None:

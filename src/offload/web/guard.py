@@ -19,6 +19,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -27,11 +28,18 @@ from offload.lanes.inline import TASK_NAME_PREFIX
 
 logger = logging.getLogger("offload.guard")
 
-_HINT = (
-    "blocking calls (time.sleep, requests, sync database drivers, CPU loops) do not belong "
-    "in async def code: await an async equivalent, or declare the task def (it then runs on "
-    "the inline lane's threads) or cpu_bound=True (a separate process)"
-)
+_HINT = "blocking calls (time.sleep, requests, sync database drivers, CPU loops) do not belong "
+_ADVICE = {
+    "inline": "in async def code: await an async equivalent, or declare the task def (it then "
+    "runs on the inline lane's threads) or cpu_bound=True (a separate process)",
+    "background": "in an async def BackgroundTasks function, which runs on the event loop: await "
+    "an async equivalent, declare it def (Starlette runs it on its threadpool), or make it an "
+    'offload inline task (@jobs.task(lane="inline"))',
+    "endpoint": "in an async def endpoint: await an async equivalent, declare the endpoint def "
+    "(FastAPI runs it on its threadpool), or defer the work to a task",
+    "other": "on the event loop: await an async equivalent, or run the call in a thread "
+    "(await asyncio.to_thread(...))",
+}
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,7 @@ class LoopGuard:
         # moves on, its task is no longer current and a finished frame forgets its caller.
         task = asyncio.current_task(self._loop) if self._loop is not None else None
         frames = _chain(frame)
-        culprit = _culprit(frames, task)
+        culprit, kind = _culprit(frames, task)
         if culprit in named or (named and self._beat != episode):
             return  # named already, or the loop moved on while we looked
         named.add(culprit)
@@ -137,7 +145,7 @@ class LoopGuard:
             stalled_s * 1000,
             culprit,
             where,
-            _HINT,
+            _advice(kind, frames),
             "".join(_stack(frames)).rstrip(),
         )
 
@@ -156,11 +164,12 @@ def _chain(frame: FrameType) -> list[FrameType]:
     return frames
 
 
-def _culprit(frames: list[FrameType], task: asyncio.Task[Any] | None) -> str:
+def _culprit(frames: list[FrameType], task: asyncio.Task[Any] | None) -> tuple[str, str]:
+    """Who blocks, and which kind of code that is (a key of `_ADVICE`)."""
     name = task.get_name() if task is not None else ""
     if name.startswith(TASK_NAME_PREFIX):
         task_name, _, run_id = name.removeprefix(TASK_NAME_PREFIX).rpartition(":")
-        return f"inline task {task_name!r} (run {run_id})"
+        return f"inline task {task_name!r} (run {run_id})", "inline"
     background = None
     endpoint = None
     for current in frames:
@@ -173,10 +182,34 @@ def _culprit(frames: list[FrameType], task: asyncio.Task[Any] | None) -> str:
             endpoint = _endpoint(current.f_locals.get("scope"))
     if background is not None:
         after = f" after {endpoint}" if endpoint else ""
-        return f"BackgroundTasks task {background!r}{after}"
+        return f"BackgroundTasks task {background!r}{after}", "background"
     if endpoint is not None:
-        return endpoint
-    return f"asyncio task {name!r}" if name else "a callback outside any task"
+        return endpoint, "endpoint"
+    return (f"asyncio task {name!r}" if name else "a callback outside any task"), "other"
+
+
+def _advice(kind: str, frames: list[FrameType]) -> str:
+    """What to do about it. With no line of the application on the stack the advice about
+    its own code does not fit: say whose code blocks, and when that needs nothing."""
+    if any(not _is_library(f.f_code.co_filename) for f in frames):
+        return _HINT + _ADVICE[kind]
+    outside_stdlib = [f for f in frames if not f.f_code.co_filename.startswith(_STDLIB)]
+    owner = _package(outside_stdlib[0].f_code.co_filename) if outside_stdlib else "Python"
+    return (
+        f"no line of the application is on the stack: {owner} blocks on its own. Once, on a "
+        "first request or first use (FastAPI builds /openapi.json on the first request), it "
+        "needs nothing; if it recurs, call that code from a thread "
+        "(await asyncio.to_thread(...)) or ask its authors"
+    )
+
+
+def _package(filename: str) -> str:
+    """The package a library frame belongs to: `fastapi` for .../site-packages/fastapi/x.py."""
+    if filename.startswith(_OFFLOAD):
+        return "offload"
+    if "site-packages" in filename:
+        return filename.split("site-packages", 1)[1].strip("/").split("/", 1)[0]
+    return "Python"
 
 
 def _endpoint(scope: Any) -> str | None:
@@ -190,10 +223,11 @@ def _endpoint(scope: Any) -> str | None:
 
 
 _STDLIB = (sysconfig.get_paths()["stdlib"], "<")
+_OFFLOAD = str(Path(__file__).resolve().parents[1])  # offload's own frames, installed or not
 
 
 def _is_library(filename: str) -> bool:
-    return filename.startswith(_STDLIB) or "site-packages" in filename
+    return filename.startswith((*_STDLIB, _OFFLOAD)) or "site-packages" in filename
 
 
 def _where(frames: list[FrameType]) -> str:
