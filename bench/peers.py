@@ -28,7 +28,7 @@ producer awaiting, one call at a time,
 * ``defer``: ``await noop.defer(tag=...)``, the real thing: validation on the loop, then the
   ledger INSERT (PENDING row) and the broker publish on offload's I/O thread;
 * ``publish``: the same minus the ledger: ``noop.prepare()`` on the loop, then
-  ``await io.run(jobs.durable.publisher.publish, noop, [(run_id, call)])``, exactly the publish
+  ``await io.run(jobs.durable.publish, noop, [(run_id, call)])``, exactly the publish
   ``defer`` does (Celery ``apply_async`` with offload's retry policy, one pooled producer);
 * ``publish-on-loop``: that publish called directly on the loop thread (no thread hop);
 * ``ledger``: the same minus the broker: ``prepare()``, then the ledger write ``defer`` does
@@ -253,11 +253,11 @@ async def enqueue_variants(jobs: Any, noop: Any, calls: int, order: list[str]) -
 
     async def publish(tag: str) -> None:
         call = noop.prepare((), {"tag": tag})
-        await io.run(jobs.durable.publisher.publish, noop, [(uuid.uuid4().hex, call)])
+        await io.run(jobs.durable.publish, noop, [(uuid.uuid4().hex, call)])
 
     async def publish_on_loop(tag: str) -> None:
         call = noop.prepare((), {"tag": tag})
-        jobs.durable.publisher.publish(noop, [(uuid.uuid4().hex, call)])
+        jobs.durable.publish(noop, [(uuid.uuid4().hex, call)])
 
     async def ledger(tag: str) -> None:
         call = noop.prepare((), {"tag": tag})

@@ -8,7 +8,7 @@ tracing library, say) it lets Celery's `apply_async` send it instead. Both paths
 `DurableLane._send`, so this script measures them in one process, interleaved, on each broker,
 with no worker running:
 
-* **offload message**: `jobs.durable.publisher.publish(task, [(run_id, call)])`, as `defer()` does;
+* **offload message**: `jobs.durable.publish(task, [(run_id, call)])`, as `defer()` does;
 * **Celery apply_async**: the same call with a no-op `before_task_publish` receiver connected;
 * **defer_sync**: the whole `defer_sync()` (validation, ledger INSERT, publish).
 
@@ -57,7 +57,7 @@ def measure(jobs: Offload, calls: int) -> dict[str, float]:
     def publish() -> None:
         for index in range(calls):
             call = noop.prepare((), {"tag": index})
-            jobs.durable.publisher.publish(noop, [(uuid.uuid4().hex, call)])
+            jobs.durable.publish(noop, [(uuid.uuid4().hex, call)])
 
     def through_celery() -> None:
         signals.before_task_publish.connect(_hooked, weak=False)

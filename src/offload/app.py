@@ -39,6 +39,7 @@ from offload.errors import (
     ScheduleNotFoundError,
     TaskDefinitionError,
 )
+from offload.lanes.durable.group import GroupCommit
 from offload.ledger import Ledger, queries, retention
 from offload.ledger import schedules as ledger_schedules
 from offload.settings import Settings
@@ -296,7 +297,7 @@ class Offload:
             self.ledger,
             self.schedules,
             self.tasks,
-            self.durable.publisher.publish,
+            self.durable.publish,
             lease_s=self.settings.scheduler_lease_s,
             clock=self.clock,
         )
@@ -888,11 +889,12 @@ class _Dispatch:
     """How an `Offload`'s tasks start runs (`core.ports.Dispatch`): on the lane their policy
     names. Kept off `Offload` itself so that this plumbing is not part of the public API."""
 
-    __slots__ = ("_blocking", "_jobs")
+    __slots__ = ("_blocking", "_group", "_jobs")
 
     def __init__(self, jobs: Offload, blocking: BlockingCalls) -> None:
         self._jobs = jobs
         self._blocking = blocking
+        self._group = GroupCommit(lambda: jobs.durable, blocking.run)
 
     @property
     def default_queue(self) -> str:
@@ -916,8 +918,9 @@ class _Dispatch:
         if task.policy.lane is Lane.INLINE and calls:
             run_ids = await jobs.inline.submit_async(task, calls)
         else:
-            # Recording and publishing block on the ledger and the broker: off the loop.
-            run_ids = await self._blocking.run(jobs.durable.submit, task, calls)
+            # Recording and publishing block on the ledger and the broker: off the loop, and
+            # shared with the defers of other requests in flight (one commit for them all).
+            run_ids = await self._group.submit(task, calls)
         return [RunHandle(jobs, run_id) for run_id in run_ids]
 
 

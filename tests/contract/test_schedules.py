@@ -204,11 +204,11 @@ def test_a_hung_lease_holder_is_replaced_once_its_lease_runs_out(
     jobs = scheduled.build(clock=clock, scheduler_lease_s=5, **settings(tmp_path, ledger))
     try:
         first = Scheduler(
-            jobs.ledger, jobs.schedules, jobs.tasks, jobs.durable.publisher.publish,
+            jobs.ledger, jobs.schedules, jobs.tasks, jobs.durable.publish,
             lease_s=5, clock=clock, identity="machine-a:100:1",
         )  # fmt: skip
         second = Scheduler(
-            jobs.ledger, jobs.schedules, jobs.tasks, jobs.durable.publisher.publish,
+            jobs.ledger, jobs.schedules, jobs.tasks, jobs.durable.publish,
             lease_s=5, clock=clock, identity="machine-b:200:1",
         )  # fmt: skip
         for _ in range(3):

@@ -400,6 +400,39 @@ def test_a_drained_backlog_gives_its_space_back_to_the_filesystem(
     assert message.payload == {"n": "after"}
 
 
+def test_a_publish_batch_is_one_transaction_all_or_nothing(connect: Any, sqlite_url: str) -> None:
+    connection = connect()
+    producer = Producer(connection.default_channel, serializer="json")
+    statements: list[str] = []
+    connection.transport.db().set_trace_callback(statements.append)
+
+    # A batch that fails half-way leaves nothing in the broker
+    def fails_half_way() -> None:
+        with producer.batch(max_size=500):
+            for n in range(10):
+                producer.publish({"n": n}, routing_key="q", declare=[Queue("q")])
+            raise RuntimeError("half-way")
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        fails_half_way()
+    assert broker_rows(sqlite_url) == []
+    # A batch that ends well is there whole, in order, written by one commit
+    with producer.batch(max_size=500):
+        for n in range(200):
+            producer.publish({"n": n}, routing_key="q", priority=9 if n == 150 else 0)
+        assert broker_rows(sqlite_url) == []  # nothing before the batch ends
+        statements.clear()
+    connection.transport.db().set_trace_callback(None)
+    transactions = [s for s in statements if s in ("BEGIN IMMEDIATE", "COMMIT")]
+    assert transactions == ["BEGIN IMMEDIATE", "COMMIT"]  # one commit for the 200
+    assert (statements[0], statements[-1]) == ("BEGIN IMMEDIATE", "COMMIT")
+    order = []
+    while (message := get(connection)) is not None:
+        order.append(message.payload["n"])
+        message.ack()
+    assert order == [150, *range(150), *range(151, 200)]
+
+
 def test_pickle_is_refused_at_publish(connect: Any, sqlite_url: str) -> None:
     connection = connect()
     producer = Producer(connection.default_channel, serializer="pickle")

@@ -377,6 +377,45 @@ class QoS(virtual.QoS):
         self.channel.release_all()
 
 
+_INSERT_MESSAGE = "INSERT INTO messages (queue, priority, payload, created) VALUES (?, ?, ?, ?)"
+
+
+class PublishBatch:
+    """Messages published inside `Producer.batch()`: one write transaction (one commit) per
+    `max_size` of them instead of one each. All or none of a flush is in the broker."""
+
+    def __init__(self, channel: Channel, max_size: int) -> None:
+        self.channel = channel
+        self.max_size = max_size
+        self._rows: list[tuple[str, int, str, float]] = []
+        self._aborted = False
+
+    def publish(self, message: Any, **kwargs: Any) -> None:
+        if self._aborted:
+            raise RuntimeError("SQLite publish batch is aborted")
+        self.channel.basic_publish(message, _publish_batch=self, **kwargs)
+        if len(self._rows) >= self.max_size:
+            self.flush()
+
+    def add(self, row: tuple[str, int, str, float]) -> None:
+        self._rows.append(row)
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        rows, self._rows = self._rows, []
+        with _transaction(self.channel.transport.db()) as db:
+            db.executemany(_INSERT_MESSAGE, rows)
+        self.channel.transport.waker().notify_all()
+
+    def discard(self) -> None:
+        self._aborted = True
+        self._rows = []
+
+    def close(self) -> None:
+        self._rows = []
+
+
 class Channel(virtual.Channel):
     """A kombu virtual channel whose messages are rows in the broker file."""
 
@@ -415,11 +454,17 @@ class Channel(virtual.Channel):
                 f"{message.get('content-type')!r}; use serializer='json'"
             )
         payload = json.dumps(message, separators=(",", ":"))
-        self.transport.db().execute(
-            "INSERT INTO messages (queue, priority, payload, created) VALUES (?, ?, ?, ?)",
-            (queue, self._get_message_priority(message), payload, self.transport.clock()),
-        )
+        row = (queue, self._get_message_priority(message), payload, self.transport.clock())
+        batch: PublishBatch | None = kwargs.get("_publish_batch")
+        if batch is not None:
+            batch.add(row)
+            return
+        self.transport.db().execute(_INSERT_MESSAGE, row)
         self.transport.waker().notify_all()
+
+    def create_publish_batch(self, max_size: int) -> PublishBatch:
+        """kombu's `Producer.batch()`: the messages of a batch go in one transaction."""
+        return PublishBatch(self, max_size)
 
     def encode_body(self, body: Any, encoding: str | None = None) -> tuple[Any, str]:
         # Keep JSON bodies readable in the table and in dead_letters; base64 only binary bodies.

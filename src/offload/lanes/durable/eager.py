@@ -51,10 +51,11 @@ class EagerPublisher:
         self.attempts = 0
         """Deliveries run so far (a retry is one more)."""
 
-    def publish(self, task: Task[Any, Any], calls: Sequence[tuple[str, Call]]) -> None:
+    def publish(self, batches: Sequence[tuple[Task[Any, Any], Sequence[tuple[str, Call]]]]) -> None:
         now = self._ledger.clock()
-        for run_id, call in calls:
-            self._push(now + (call.countdown_s or 0.0), run_id, task.name, call.kwargs)
+        for task, calls in batches:
+            for run_id, call in calls:
+                self._push(now + (call.countdown_s or 0.0), run_id, task.name, call.kwargs)
         self._run_due()
 
     def publish_one(self, message: RunMessage, countdown_s: float | None = None) -> None:

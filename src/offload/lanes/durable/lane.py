@@ -16,13 +16,14 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import sqlalchemy as sa
 from celery import Celery
 from celery.exceptions import Reject
 
 from offload import transport
 from offload.core.run import Lane, new_run_id
 from offload.core.task import MAX_PRIORITY, Call, Task
-from offload.errors import TaskArgumentsError
+from offload.errors import IdempotencyConflictError, TaskArgumentsError
 from offload.lanes.durable.celery_events import RunFailed, report
 from offload.lanes.durable.eager import EagerPublisher
 from offload.lanes.durable.executor import Executor, HandBack
@@ -100,6 +101,14 @@ def celery_config(settings: Settings, ledger: Ledger) -> dict[str, Any]:
     if scheme == "rediss":
         config["broker_use_ssl"] = True  # an explicit transport does not infer TLS
     return config
+
+
+def _one_callers(exc: Exception) -> bool:
+    """Whether a shared ledger write failed for one caller's runs, not for the ledger: an
+    idempotency key reused with other arguments, or taken meanwhile by another process."""
+    return isinstance(exc, IdempotencyConflictError) or isinstance(
+        exc.__cause__, sa.exc.IntegrityError
+    )
 
 
 class DurableLane:
@@ -189,12 +198,92 @@ class DurableLane:
         """
         if not calls:
             return []
+        new = self._new_runs(task, calls, run_ids)
+        recorded = self._ledger.write(
+            lambda conn: queries.insert_runs(conn, new, self._ledger.clock())
+        )
+        fresh = [
+            (run_id, call)
+            for (run_id, created), call in zip(recorded, calls, strict=True)
+            if created
+        ]
+        if fresh:
+            self._publish([(task, fresh)])
+        return [run_id for run_id, _ in recorded]
+
+    def submit_group(
+        self, group: Sequence[tuple[Task[Any, Any], Sequence[Call]]]
+    ) -> list[list[str] | Exception]:
+        """`submit()` for several callers at once: one ledger transaction, one broker batch.
+
+        Each caller gets its run ids or its own error, as if it had submitted alone: if the
+        shared transaction fails (one caller's idempotency conflict, say), each submits alone;
+        if the broker refuses the batch, every caller with a new run gets that error and
+        nothing of the batch stays recorded.
+        """
+        if len(group) == 1:
+            return [self._alone(*group[0])]
+        outcomes: list[list[str] | Exception | None] = [None] * len(group)
+        taken: list[tuple[int, Task[Any, Any], Sequence[Call], list[queries.NewRun]]] = []
+        for index, (task, calls) in enumerate(group):
+            try:
+                if calls:
+                    taken.append((index, task, calls, self._new_runs(task, calls, None)))
+                else:
+                    outcomes[index] = []
+            except Exception as exc:  # noqa: BLE001 - that caller's error, handed to it
+                outcomes[index] = exc
+        flat = [run for *_, new in taken for run in new]
+        try:
+            recorded = self._ledger.write(
+                lambda conn: queries.insert_runs(conn, flat, self._ledger.clock())
+            )
+        except Exception as exc:  # noqa: BLE001 - handed to the callers it concerns
+            if _one_callers(exc):
+                for index, task, calls, _ in taken:  # alone, each meets its own outcome
+                    outcomes[index] = self._alone(task, calls)
+            else:  # the ledger itself failed: every caller's write did
+                for index, *_ in taken:
+                    outcomes[index] = exc
+            return [o if o is not None else [] for o in outcomes]
+        batches: list[tuple[Task[Any, Any], list[tuple[str, Call]]]] = []
+        publishing: list[int] = []  # the callers with a new run, whom a refusal concerns
+        position = 0
+        for index, task, calls, _ in taken:
+            mine = recorded[position : position + len(calls)]
+            position += len(calls)
+            outcomes[index] = [run_id for run_id, _ in mine]
+            fresh = [(r, c) for (r, created), c in zip(mine, calls, strict=True) if created]
+            if fresh:
+                batches.append((task, fresh))
+                publishing.append(index)
+        if batches:
+            try:
+                self._publish(batches)
+            except Exception as exc:  # noqa: BLE001 - handed to every caller it concerns
+                for index in publishing:
+                    outcomes[index] = exc
+        return [o if o is not None else [] for o in outcomes]
+
+    def publish(self, task: Task[Any, Any], calls: Sequence[tuple[str, Call]]) -> None:
+        """Publish runs already in the ledger (the scheduler's fires): no undo if refused."""
+        self.publisher.publish([(task, calls)])
+
+    def _alone(self, task: Task[Any, Any], calls: Sequence[Call]) -> list[str] | Exception:
+        try:
+            return self.submit(task, calls)
+        except Exception as exc:  # noqa: BLE001 - that caller's error, handed to it
+            return exc
+
+    def _new_runs(
+        self, task: Task[Any, Any], calls: Sequence[Call], run_ids: Sequence[str] | None
+    ) -> list[queries.NewRun]:
         if len(calls) > 1 and any(c.idempotency_key for c in calls):
             raise TaskArgumentsError(
                 f"{task.name}: an idempotency_key names one run; defer_many() cannot share it"
             )
         now = self._ledger.clock()
-        new = [
+        return [
             queries.NewRun(
                 id=run_ids[index] if run_ids else new_run_id(),
                 task=task.name,
@@ -207,20 +296,17 @@ class DurableLane:
             )
             for index, call in enumerate(calls)
         ]
-        recorded = self._ledger.write(lambda conn: queries.insert_runs(conn, new, now))
-        fresh = [
-            (run_id, call)
-            for (run_id, created), call in zip(recorded, calls, strict=True)
-            if created
-        ]
-        if fresh:
-            try:
-                self.publisher.publish(task, fresh)
-            except Exception:
-                # Nothing half-written: a run the broker never got is not a run.
-                self._ledger.write(lambda conn: queries.delete_runs(conn, [r for r, _ in fresh]))
-                raise
-        return [run_id for run_id, _ in recorded]
+
+    def _publish(
+        self, batches: Sequence[tuple[Task[Any, Any], Sequence[tuple[str, Call]]]]
+    ) -> None:
+        try:
+            self.publisher.publish(batches)
+        except Exception:
+            # Nothing half-written: a run the broker never got is not a run.
+            sent = [run_id for _, fresh in batches for run_id, _ in fresh]
+            self._ledger.write(lambda conn: queries.delete_runs(conn, sent))
+            raise
 
     def replay(self, replays: Sequence[tuple[queries.NewRun, Call]], *, strict: bool) -> list[str]:
         """Record replays (new runs linked to the runs they replay) and publish them.
@@ -243,7 +329,7 @@ class DurableLane:
         published: set[str] = set()
         try:
             for name, calls in by_task.items():
-                self.publisher.publish(self._tasks[name], calls)
+                self.publisher.publish([(self._tasks[name], calls)])
                 published.update(run_id for run_id, _ in calls)
         except Exception:
             # Nothing half-written: replays the broker never got are unrecorded again.

@@ -76,33 +76,34 @@ class Publisher:
             },
         }
 
-    def publish(self, task: Task[Any, Any], calls: Sequence[tuple[str, Call]]) -> None:
-        """Publish one message per `(run id, call)`; `BrokerUnavailableError` if refused."""
-        celery_task = self._celery_tasks[task.name]
+    def publish(self, batches: Sequence[tuple[Task[Any, Any], Sequence[tuple[str, Call]]]]) -> None:
+        """Publish one message per `(run id, call)` of each task, in one broker batch (one
+        pipeline on Redis) when there are several; `BrokerUnavailableError` if refused."""
         try:
             with self._celery.producer_or_acquire() as producer:
-                # Many runs go out in transport-owned batches (one pipeline on Redis).
+                several = len(batches) > 1 or len(batches[0][1]) > 1
                 batch = (
-                    producer.batch(max_size=PUBLISH_BATCH)
-                    if len(calls) > 1
-                    else contextlib.nullcontext()
+                    producer.batch(max_size=PUBLISH_BATCH) if several else contextlib.nullcontext()
                 )
                 with batch:
-                    for run_id, call in calls:
-                        self._send(
-                            celery_task,
-                            task,
-                            run_id,
-                            call.kwargs,
-                            call.queue,
-                            call.priority,
-                            call.countdown_s,
-                            producer,
-                        )
+                    for task, calls in batches:
+                        celery_task = self._celery_tasks[task.name]
+                        for run_id, call in calls:
+                            self._send(
+                                celery_task,
+                                task,
+                                run_id,
+                                call.kwargs,
+                                call.queue,
+                                call.priority,
+                                call.countdown_s,
+                                producer,
+                            )
         except Exception as exc:
             url = mask_url(self._settings.resolved_broker_url)
+            names = ", ".join(sorted({repr(task.name) for task, _ in batches}))
             raise BrokerUnavailableError(
-                f"The broker at {url} did not accept the message for {task.name!r}: {exc}; "
+                f"The broker at {url} did not accept the message for {names}: {exc}; "
                 "check that it is running (nothing was recorded)"
             ) from exc
 
