@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.integration.web_client import wait_status
-from tests.support import ROOT, free_port, wait_until
+from tests.support import ROOT, free_port, offload_cli, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -85,14 +85,7 @@ def test_log_level_info_reaches_uvicorn_and_the_workers(tmp_path: Path) -> None:
 
 
 def test_an_unknown_log_level_is_refused_naming_the_choices() -> None:
-    answer = subprocess.run(
-        [sys.executable, "-m", "offload", "serve", APP, "--log-level", "loud"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    answer = offload_cli("serve", APP, "--log-level", "loud", env={})
     assert answer.returncode == 2
     assert "'loud' is not one of" in answer.stderr
     assert "warning" in answer.stderr

@@ -111,6 +111,14 @@ def _one_callers(exc: Exception) -> bool:
     )
 
 
+def _fresh(recorded: Sequence[tuple[str, bool]], calls: Sequence[Call]) -> list[tuple[str, Call]]:
+    """The calls that made new runs (an idempotency key may name an existing one): these
+    are published."""
+    return [
+        (run_id, call) for (run_id, created), call in zip(recorded, calls, strict=True) if created
+    ]
+
+
 class DurableLane:
     """The durable lane of one app: its Celery app, the runs it records and publishes, and the
     executor its workers run attempts with.
@@ -202,11 +210,7 @@ class DurableLane:
         recorded = self._ledger.write(
             lambda conn: queries.insert_runs(conn, new, self._ledger.clock())
         )
-        fresh = [
-            (run_id, call)
-            for (run_id, created), call in zip(recorded, calls, strict=True)
-            if created
-        ]
+        fresh = _fresh(recorded, calls)
         if fresh:
             self._publish([(task, fresh)])
         return [run_id for run_id, _ in recorded]
@@ -223,14 +227,12 @@ class DurableLane:
         """
         if len(group) == 1:
             return [self._alone(*group[0])]
-        outcomes: list[list[str] | Exception | None] = [None] * len(group)
+        outcomes: list[list[str] | Exception] = [[] for _ in group]  # no calls: no runs
         taken: list[tuple[int, Task[Any, Any], Sequence[Call], list[queries.NewRun]]] = []
         for index, (task, calls) in enumerate(group):
             try:
                 if calls:
                     taken.append((index, task, calls, self._new_runs(task, calls, None)))
-                else:
-                    outcomes[index] = []
             except Exception as exc:  # noqa: BLE001 - that caller's error, handed to it
                 outcomes[index] = exc
         flat = [run for *_, new in taken for run in new]
@@ -245,7 +247,7 @@ class DurableLane:
             else:  # the ledger itself failed: every caller's write did
                 for index, *_ in taken:
                     outcomes[index] = exc
-            return [o if o is not None else [] for o in outcomes]
+            return outcomes
         batches: list[tuple[Task[Any, Any], list[tuple[str, Call]]]] = []
         publishing: list[int] = []  # the callers with a new run, whom a refusal concerns
         position = 0
@@ -253,7 +255,7 @@ class DurableLane:
             mine = recorded[position : position + len(calls)]
             position += len(calls)
             outcomes[index] = [run_id for run_id, _ in mine]
-            fresh = [(r, c) for (r, created), c in zip(mine, calls, strict=True) if created]
+            fresh = _fresh(mine, calls)
             if fresh:
                 batches.append((task, fresh))
                 publishing.append(index)
@@ -263,7 +265,7 @@ class DurableLane:
             except Exception as exc:  # noqa: BLE001 - handed to every caller it concerns
                 for index in publishing:
                     outcomes[index] = exc
-        return [o if o is not None else [] for o in outcomes]
+        return outcomes
 
     def publish(self, task: Task[Any, Any], calls: Sequence[tuple[str, Call]]) -> None:
         """Publish runs already in the ledger (the scheduler's fires): no undo if refused."""
