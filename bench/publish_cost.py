@@ -10,7 +10,9 @@ with no worker running:
 
 * **offload message**: `jobs.durable.publish(task, [(run_id, call)])`, as `defer()` does;
 * **Celery apply_async**: the same call with a no-op `before_task_publish` receiver connected;
-* **defer_sync**: the whole `defer_sync()` (validation, ledger INSERT, publish).
+* **defer_sync**: the whole `defer_sync()` (validation, ledger INSERT, publish); on the
+  embedded default (`sqlite`) one transaction writes the run and its message, while
+  `sqlite-two-files` keeps the broker in a file of its own (a commit, then a publish).
 
 Prints CPU µs per call (medians of the rounds, with the min-max range) and the ratio of the
 two publish paths. Touches: Redis database 6 (flushed before and after), a RabbitMQ queue of
@@ -38,8 +40,10 @@ from celery import signals  # noqa: E402
 
 from offload import Offload  # noqa: E402
 
+TWO_FILES = "two files"
 BROKERS = {
-    "sqlite": None,
+    "sqlite": None,  # the embedded default: the ledger's file, one commit per defer
+    "sqlite-two-files": TWO_FILES,  # broker.sqlite apart: a commit, then a publish
     "redis": "redis://127.0.0.1:6379/6",
     "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//",
 }
@@ -86,6 +90,8 @@ def measure(jobs: Offload, calls: int) -> dict[str, float]:
 def bench_broker(broker: str, url: str | None, rounds: int, calls: int) -> dict[str, list[float]]:
     data_dir = tempfile.mkdtemp(prefix="offload-bench-publish-")
     queue = f"offload-bench-publish-{os.getpid()}"
+    if url == TWO_FILES:
+        url = f"sqlite:///{data_dir}/broker.sqlite"
     jobs = Offload(broker_url=url, data_dir=data_dir, default_queue=queue)
 
     @jobs.task(name="bench_publish_noop")

@@ -23,8 +23,11 @@ Systems (every one acks late and stores results):
 | celery-offload-settings | raw Celery on Redis with offload's worker layout and settings (¹) |
 | offload-redis | offload on Redis, SQLite ledger (`offload worker`, defaults) |
 | offload-sqlite | offload on its embedded SQLite broker and SQLite ledger: nothing installed |
+| offload-sqlite-two-files | the same with broker and ledger in two files (²) |
 
 (¹) two `-P threads -c 4` consumers, prefetch 1, reject on worker lost, Redis result backend.
+(²) not run unless named: the layout before the default shared one file, where a defer
+commits the run and then publishes its message (two write transactions).
 
 Ratios printed at the end: offload-redis vs celery-default (target >= 2x) and vs
 celery-offload-settings (target >= 1x); offload-sqlite vs celery-default; the defer_many rate.
@@ -58,6 +61,7 @@ REDIS_RESULT_DB = 15
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 RESULT_URL = f"redis://127.0.0.1:6379/{REDIS_RESULT_DB}"
 SYSTEMS = ["celery-default", "celery-offload-settings", "offload-redis", "offload-sqlite"]
+TWO_FILES = "offload-sqlite-two-files"
 
 
 class Collector:
@@ -107,6 +111,8 @@ class System:
             self.env["OFFLOAD_DATA_DIR"] = str(self.workdir)
             if broker:
                 self.env["OFFLOAD_BROKER_URL"] = broker
+            elif self.name == TWO_FILES:
+                self.env["OFFLOAD_BROKER_URL"] = f"sqlite:///{self.workdir / 'broker.sqlite'}"
             else:
                 self.env.pop("OFFLOAD_BROKER_URL", None)
             self.env.pop("OFFLOAD_LEDGER_URL", None)
@@ -324,7 +330,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=5000)
-    parser.add_argument("--systems", nargs="*", default=SYSTEMS, choices=SYSTEMS)
+    parser.add_argument("--systems", nargs="*", default=SYSTEMS, choices=[*SYSTEMS, TWO_FILES])
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="offload-bench-"))
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in args.systems}
@@ -372,6 +378,7 @@ def main() -> None:
         ("offload-redis", "celery-default", 2.0),
         ("offload-redis", "celery-offload-settings", 1.0),
         ("offload-sqlite", "celery-default", 1.0),
+        ("offload-sqlite", TWO_FILES, 1.0),
     ]:
         if ours not in samples or theirs not in samples:
             continue

@@ -29,7 +29,7 @@ class Settings(BaseModel):
 
     | field | default | meaning |
     |---|---|---|
-    | `broker_url` | `sqlite:///<data_dir>/broker.sqlite` | where messages wait |
+    | `broker_url` | the ledger's file if SQLite, else `<data_dir>/broker.sqlite` | the queue |
     | `broker_options` | `{}` | kombu transport options, JSON in the environment |
     | `ledger_url` | `sqlite:///<data_dir>/ledger.sqlite` | the store of every run |
     | `data_dir` | `./offload-data` | directory for the embedded SQLite files and locks |
@@ -162,8 +162,14 @@ class Settings(BaseModel):
 
     @property
     def resolved_broker_url(self) -> str:
-        """The broker URL, defaulting to the embedded SQLite broker in `data_dir`."""
-        return self.broker_url or f"sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+        """The broker URL, defaulting to the embedded SQLite broker: in the ledger's own file
+        when that is a SQLite file (a defer is then one commit), else in `data_dir`."""
+        if self.broker_url:
+            return self.broker_url
+        ledger = self.resolved_ledger_url
+        if ledger.startswith("sqlite:///") and "?" not in ledger and ledger != "sqlite:///:memory:":
+            return ledger
+        return f"sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
 
     @property
     def resolved_ledger_url(self) -> str:

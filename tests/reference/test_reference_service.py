@@ -494,5 +494,6 @@ def test_the_dashboard_is_mounted_and_sigterm_stops_everything_it_started(
     # serve waited for every process it started: none is left when it exits.
     assert not [p.pid for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert "offload serve: workers stopped" in service.log()
-    assert (service.data / "broker.sqlite").exists()
+    # The embedded default: ledger and broker are one file in the data directory.
     assert (service.data / "ledger.sqlite").exists()
+    assert not (service.data / "broker.sqlite").exists()

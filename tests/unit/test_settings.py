@@ -18,11 +18,20 @@ def test_arguments_win_over_environment_over_defaults() -> None:
     assert settings.heartbeat_interval_s == 5.0
 
 
-def test_default_urls_point_into_the_data_dir(tmp_path: Path) -> None:
+def test_by_default_ledger_and_broker_are_one_file_in_the_data_dir(tmp_path: Path) -> None:
     settings = Settings.build({}, data_dir=tmp_path)
-    assert settings.resolved_broker_url == f"sqlite:///{tmp_path / 'broker.sqlite'}"
     assert settings.resolved_ledger_url == f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    assert settings.resolved_broker_url == settings.resolved_ledger_url
     assert settings.broker_scheme == "sqlite"
+
+
+def test_a_ledger_elsewhere_leaves_the_embedded_broker_its_own_file(tmp_path: Path) -> None:
+    postgres = Settings.build({}, data_dir=tmp_path, ledger_url="postgresql://u@localhost/x")
+    assert postgres.resolved_broker_url == f"sqlite:///{tmp_path / 'broker.sqlite'}"
+    memory = Settings.build({}, data_dir=tmp_path, ledger_url="sqlite:///:memory:")
+    assert memory.resolved_broker_url == f"sqlite:///{tmp_path / 'broker.sqlite'}"
+    own = Settings.build({}, data_dir=tmp_path, ledger_url=f"sqlite:///{tmp_path / 'runs.db'}")
+    assert own.resolved_broker_url == own.resolved_ledger_url
 
 
 def test_a_url_without_scheme_names_the_variable_and_gives_an_example() -> None:

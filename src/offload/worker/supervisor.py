@@ -137,6 +137,15 @@ class Supervisor:
 
     def start(self) -> None:
         """Start every worker process."""
+        earlier = self.jobs.durable.earlier_broker_file()
+        if earlier is not None:
+            logger.warning(
+                "%s holds %d message(s) of an earlier offload, which kept the broker apart "
+                "from the ledger; their runs are in the ledger, and workers publish them again "
+                "within OFFLOAD_ORPHAN_AFTER_S (%gs); delete the file after that",
+                *earlier,
+                self.jobs.settings.orphan_after_s,
+            )
         for child in self.children:
             self._spawn(child)
 

@@ -13,8 +13,9 @@ work), and the ledger hears that running attempts are alive every `heartbeat_int
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from celery import Celery
@@ -32,6 +33,7 @@ from offload.lanes.durable.poison import consumer_class
 from offload.lanes.durable.publish import Publisher, broker_queue
 from offload.ledger import Ledger, queries, retention
 from offload.settings import Settings
+from offload.transport import sqlite
 
 logger = logging.getLogger("offload.durable")
 
@@ -59,6 +61,7 @@ def celery_config(settings: Settings, ledger: Ledger) -> dict[str, Any]:
         options["visibility_timeout"] = settings.visibility_timeout_s
     elif scheme == "sqlite":
         options["lease_s"] = settings.visibility_timeout_s
+        options["shared_with_ledger"] = shares_broker_file(settings)
     options.update(settings.broker_options)
     config: dict[str, Any] = {
         "broker_url": settings.resolved_broker_url,
@@ -103,6 +106,17 @@ def celery_config(settings: Settings, ledger: Ledger) -> dict[str, Any]:
     return config
 
 
+def shares_broker_file(settings: Settings) -> bool:
+    """Whether the ledger and the embedded broker are one SQLite file (the default)."""
+    if settings.broker_scheme != "sqlite" or not settings.resolved_ledger_url.startswith("sqlite"):
+        return False
+    try:
+        broker = sqlite.database_path(settings.resolved_broker_url)
+        return broker == sqlite.database_path(settings.resolved_ledger_url)
+    except ValueError:  # an in-memory ledger, or one with query parameters
+        return False
+
+
 def _one_callers(exc: Exception) -> bool:
     """Whether a shared ledger write failed for one caller's runs, not for the ledger: an
     idempotency key reused with other arguments, or taken meanwhile by another process."""
@@ -142,6 +156,9 @@ class DurableLane:
         self.publisher: Publisher | EagerPublisher = Publisher(
             self.celery, settings, tasks, self._celery_tasks
         )
+        # The publisher that writes new runs' messages in their ledger transaction, when the
+        # ledger is the embedded broker's file (the default): one commit per defer.
+        self._outbox = self.publisher if shares_broker_file(settings) else None
         self.executor = Executor(settings, ledger, self.publisher.publish_one)
         sweep_every = max(1.0, settings.orphan_after_s / 4)
         chores = [
@@ -154,6 +171,7 @@ class DurableLane:
         """From now on, run each published run at once in this process (`offload.testing`)."""
         eager = EagerPublisher(self._settings, self._ledger, self._tasks, advance_clock)
         self.publisher = eager
+        self._outbox = None
         self.executor = eager.executor
         return eager
 
@@ -207,11 +225,9 @@ class DurableLane:
         if not calls:
             return []
         new = self._new_runs(task, calls, run_ids)
-        recorded = self._ledger.write(
-            lambda conn: queries.insert_runs(conn, new, self._ledger.clock())
-        )
+        recorded = self._record([(task, calls, new)])
         fresh = _fresh(recorded, calls)
-        if fresh:
+        if fresh and self._outbox is None:
             self._publish([(task, fresh)])
         return [run_id for run_id, _ in recorded]
 
@@ -235,11 +251,8 @@ class DurableLane:
                     taken.append((index, task, calls, self._new_runs(task, calls, None)))
             except Exception as exc:  # noqa: BLE001 - that caller's error, handed to it
                 outcomes[index] = exc
-        flat = [run for *_, new in taken for run in new]
         try:
-            recorded = self._ledger.write(
-                lambda conn: queries.insert_runs(conn, flat, self._ledger.clock())
-            )
+            recorded = self._record([(task, calls, new) for _, task, calls, new in taken])
         except Exception as exc:  # noqa: BLE001 - handed to the callers it concerns
             if _one_callers(exc):
                 for index, task, calls, _ in taken:  # alone, each meets its own outcome
@@ -259,13 +272,47 @@ class DurableLane:
             if fresh:
                 batches.append((task, fresh))
                 publishing.append(index)
-        if batches:
+        if batches and self._outbox is None:
             try:
                 self._publish(batches)
             except Exception as exc:  # noqa: BLE001 - handed to every caller it concerns
                 for index in publishing:
                     outcomes[index] = exc
         return outcomes
+
+    def _record(
+        self, taken: Sequence[tuple[Task[Any, Any], Sequence[Call], list[queries.NewRun]]]
+    ) -> list[tuple[str, bool]]:
+        """Insert the runs in one ledger transaction; (run id, created) for each. When the
+        ledger shares the embedded broker's file, their messages go in the same transaction:
+        one commit, and no crash can leave a run without its message or a message without its
+        run."""
+        new = [run for *_, runs in taken for run in runs]
+        outbox = self._outbox
+        if outbox is None:
+            return self._ledger.write(
+                lambda conn: queries.insert_runs(conn, new, self._ledger.clock())
+            )
+        # Built before the transaction, so the write lock is held only for the inserts.
+        rows = outbox.message_rows(
+            [
+                (task, [(run.id, call) for run, call in zip(runs, calls, strict=True)])
+                for task, calls, runs in taken
+            ]
+        )
+
+        def write(conn: sa.Connection) -> list[tuple[str, bool]]:
+            recorded = queries.insert_runs(conn, new, self._ledger.clock())
+            sent = [row for row, (_, created) in zip(rows, recorded, strict=True) if created]
+            # The ledger is SQLite here (`shares_broker_file`): its driver is sqlite3.
+            sqlite.insert_messages(
+                cast(sqlite3.Connection, conn.connection.driver_connection), sent
+            )
+            return recorded
+
+        recorded = self._ledger.write(write)
+        outbox.wake_consumers()
+        return recorded
 
     def publish(self, task: Task[Any, Any], calls: Sequence[tuple[str, Call]]) -> None:
         """Publish runs already in the ledger (the scheduler's fires): no undo if refused."""
@@ -381,6 +428,17 @@ class DurableLane:
             if len(held) < HELD_BATCH:
                 return released
 
+    def earlier_broker_file(self) -> tuple[str, int] | None:
+        """The broker file an earlier offload kept apart from the ledger in `data_dir`, and
+        how many messages it still holds; None if there is none (or it is the broker)."""
+        if self._settings.broker_url or not shares_broker_file(self._settings):
+            return None
+        path = str((self._settings.data_dir / "broker.sqlite").resolve())
+        waiting = sqlite.count_messages(path)
+        return (path, waiting) if waiting else None
+
     def close(self) -> None:
         """Release the broker connections (the lane can publish again afterwards)."""
+        if self._outbox is not None:
+            self._outbox.close()
         self.celery.close()
