@@ -139,3 +139,66 @@ def test_a_version_5_sqlite_ledger_stores_json_as_text_and_keeps_its_runs(
         assert isinstance(factor, float)
     finally:
         jobs.close()
+
+
+PARTIAL = {
+    "ix_offload_runs_finished": "ON offload_runs (finished_at)",
+    "uq_offload_runs_fire": "ON offload_runs (schedule, scheduled_for)",
+    "ix_offload_runs_held": "ON offload_runs (queue, held_at)",
+}
+
+
+def index_definitions(url: str) -> dict[str, str]:
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            query = "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+        else:
+            query = "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'offload_runs'"
+        found = {name: sql for name, sql in conn.execute(sa.text(query)) if name in PARTIAL}
+    engine.dispose()
+    return found
+
+
+def test_a_version_6_ledger_indexes_only_the_runs_that_set_the_column(
+    url: str, tmp_path: Path
+) -> None:
+    old = Offload(data_dir=tmp_path, ledger_url=url)
+
+    @old.task
+    def charge(cents: int) -> int:
+        return cents
+
+    kept = charge.defer_sync(cents=250)
+    old.close()
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as conn:  # the indexes as versions up to 6 created them
+        for name, target in PARTIAL.items():
+            unique = "UNIQUE " if name.startswith("uq_") else ""
+            conn.execute(sa.text(f"DROP INDEX {name}"))
+            conn.execute(sa.text(f"CREATE {unique}INDEX {name} {target}"))
+        conn.execute(sa.text("UPDATE offload_meta SET value = '6' WHERE key = 'schema_version'"))
+    engine.dispose()
+    assert not any("WHERE" in sql for sql in index_definitions(url).values())
+
+    jobs = Offload(data_dir=tmp_path, ledger_url=url)
+    try:
+        jobs.ledger.ensure_schema()
+        assert version_of(url) == SCHEMA_VERSION
+        definitions = index_definitions(url)
+        assert sorted(definitions) == sorted(PARTIAL)
+        assert all("WHERE" in sql and "IS NOT NULL" in sql for sql in definitions.values())
+        assert jobs.status_sync(kept.id).state is RunState.PENDING
+        if url.startswith("sqlite"):  # retention's batch still walks the finished index
+            with jobs.ledger.engine.connect() as conn:
+                plan = " ".join(
+                    str(row[-1])
+                    for row in conn.exec_driver_sql(
+                        "EXPLAIN QUERY PLAN SELECT id FROM offload_runs "
+                        "WHERE finished_at IS NOT NULL AND finished_at < 1e12 "
+                        "ORDER BY finished_at LIMIT 100"
+                    )
+                )
+            assert "ix_offload_runs_finished" in plan, plan
+    finally:
+        jobs.close()

@@ -70,12 +70,21 @@ def _json_as_text(conn: Connection) -> None:
         conn.execute(sa.text(f"ALTER TABLE {table} RENAME COLUMN {column}_text TO {column}"))
 
 
+def _partial_indexes(conn: Connection) -> None:
+    """Version 7: the indexes of columns most runs leave NULL (finished, fire, held) hold only
+    the rows that set them, so that a defer writes three index pages fewer."""
+    for index in (FINISHED_INDEX, FIRE_INDEX, HELD_INDEX):
+        conn.execute(sa.text(f"DROP INDEX {index.name}"))
+        index.create(conn)
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     2: _replays_and_retention,
     3: _run_stats,
     4: _schedules,
     5: _paused_queues,
     6: _json_as_text,
+    7: _partial_indexes,
 }
 """target version -> function that upgrades from the version before it."""
 

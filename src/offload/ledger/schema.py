@@ -6,10 +6,12 @@ Floats keep comparisons (heartbeats, due times) cheap and identical on SQLite an
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """Bump with a migration in `migrations.py` whenever a table below changes."""
 
 metadata = sa.MetaData()
@@ -83,12 +85,32 @@ runs = sa.Table(
 sa.Index("ix_offload_runs_created", runs.c.created_at, runs.c.id)
 sa.Index("ix_offload_runs_state", runs.c.state, runs.c.created_at)
 sa.Index("ix_offload_runs_task", runs.c.task, runs.c.created_at)
+
+
+def _partial(column: sa.Column[Any]) -> dict[str, Any]:
+    """Index only the rows where `column` is set: most runs never set it, and an entry for a
+    NULL is one more page each defer writes (on the embedded default a defer wrote 14 pages
+    to SQLite's WAL, 11 with the three indexes below partial). A comparison on the column
+    (`finished_at < ?`, `schedule = ?`) implies it is set, so planners still use the index."""
+    return {"sqlite_where": column.is_not(None), "postgresql_where": column.is_not(None)}
+
+
 # Retention deletes the oldest finished runs first.
-FINISHED_INDEX = sa.Index("ix_offload_runs_finished", runs.c.finished_at)
+FINISHED_INDEX = sa.Index(
+    "ix_offload_runs_finished", runs.c.finished_at, **_partial(runs.c.finished_at)
+)
 # One run per fire, whoever fires it: two schedulers, a restart mid-fire, a clock set back.
-FIRE_INDEX = sa.Index("uq_offload_runs_fire", runs.c.schedule, runs.c.scheduled_for, unique=True)
+FIRE_INDEX = sa.Index(
+    "uq_offload_runs_fire",
+    runs.c.schedule,
+    runs.c.scheduled_for,
+    unique=True,
+    **_partial(runs.c.schedule),
+)
 # Resuming a queue finds its held runs.
-HELD_INDEX = sa.Index("ix_offload_runs_held", runs.c.queue, runs.c.held_at)
+HELD_INDEX = sa.Index(
+    "ix_offload_runs_held", runs.c.queue, runs.c.held_at, **_partial(runs.c.held_at)
+)
 
 attempts = sa.Table(
     "offload_attempts",
