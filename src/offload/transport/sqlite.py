@@ -45,7 +45,7 @@ Design:
 
 * The file may also hold offload's ledger (tables ``offload_*``), as it does by default: the
   ledger then writes each new run's message in the run's own transaction (`message_row`,
-  `insert_messages`, then a `notifier`), an outbox with one commit per defer. With
+  `insert_messages`, then a `ProcessWaker`), an outbox with one commit per defer. With
   ``shared_with_ledger``, the event loop's claims wait for the write lock with sleeps from
   20 µs, as the ledger's writers do, instead of SQLite's busy handler: its first sleep is
   1 ms, and the ledger's writers took the lock again and again meanwhile (drain 0.64x).
@@ -87,6 +87,7 @@ __all__ = [
     "DeadLetterListener",
     "MessageRow",
     "Options",
+    "ProcessWaker",
     "Transport",
     "add_dead_letter_listener",
     "count_messages",
@@ -94,7 +95,6 @@ __all__ = [
     "ensure_schema",
     "insert_messages",
     "message_row",
-    "notifier",
     "remove_dead_letter_listener",
 ]
 
@@ -486,14 +486,37 @@ def count_messages(path: str) -> int:
 
 def insert_messages(db: sqlite3.Connection, rows: list[MessageRow]) -> None:
     """Write rows (`message_row`, `Channel.collecting`) in the caller's transaction on the
-    broker file, the ledger's when it shares it; a `notifier` after the commit."""
+    broker file, the ledger's when it shares it; its `ProcessWaker` after the commit."""
     db.executemany(_INSERT_MESSAGE, rows)
 
 
-def notifier(path: str) -> Waker:
-    """A waker for a producer that commits rows to the broker file at `path` itself: its
-    `notify_all()` wakes the file's consumers. `close()` it when done."""
-    return Waker(wake_directory(path))
+class ProcessWaker:
+    """The `Waker` of one broker file for the calling process, made on first use: a forked
+    child makes its own and leaves its parent's alone (kept in `_inherited`). Consumers listen
+    on theirs; a producer that commits rows itself calls `get().notify_all()` afterwards."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.current: Waker | None = None  # this process's, or one inherited and not yet replaced
+        self._lock = threading.Lock()
+
+    def get(self) -> Waker:
+        waker = self.current
+        if waker is None or waker.pid != _current_pid():
+            with self._lock:
+                waker = self.current
+                if waker is None or waker.pid != _current_pid():
+                    if waker is not None:
+                        _inherited.append(waker)
+                    waker = self.current = Waker(wake_directory(self.path))
+        return waker
+
+    def close(self) -> None:
+        """Close the current waker (`get()` makes a new one)."""
+        with self._lock:
+            waker, self.current = self.current, None
+        if waker is not None:
+            waker.close()
 
 
 class PublishBatch:
@@ -856,7 +879,7 @@ class Transport(virtual.Transport):
         self.clock: Callable[[], float] = time.time
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._waker: Waker | None = None
+        self._wakers = ProcessWaker(self.path)
         self._keeper: _LeaseKeeper | None = None
         self._next_reap = 0.0
         self._next_maintenance = 0.0
@@ -904,15 +927,7 @@ class Transport(virtual.Transport):
         return self.db()
 
     def waker(self) -> Waker:
-        waker = self._waker
-        if waker is None or waker.pid != _current_pid():
-            with self._lock:
-                waker = self._waker
-                if waker is None or waker.pid != _current_pid():
-                    if waker is not None:
-                        _inherited.append(waker)
-                    waker = self._waker = Waker(wake_directory(self.path))
-        return waker
+        return self._wakers.get()
 
     def keep_leases(self) -> None:
         keeper = self._keeper
@@ -1161,8 +1176,9 @@ class Transport(virtual.Transport):
             self.waker().notify_all()
         if now >= self._next_maintenance:
             self._next_maintenance = now + _MAINTENANCE_S
-            if self._waker is not None and self._waker.path is not None:
-                self._waker.listen()  # rebinds if someone removed our socket file
+            waker = self._wakers.current
+            if waker is not None and waker.path is not None:
+                waker.listen()  # rebinds if someone removed our socket file
                 if self._loop is not None:
                     self._watch_wakeups()  # the loop watches the new socket instead
             free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
@@ -1181,12 +1197,10 @@ class Transport(virtual.Transport):
         finally:
             with self._lock:
                 keeper, self._keeper = self._keeper, None
-                waker, self._waker = self._waker, None
             if keeper is not None:
                 keeper.stopped.set()
             self._leave_event_loop()
-            if waker is not None:
-                waker.close()
+            self._wakers.close()
             db = getattr(self._local, "db", None)
             if db is not None and self._local.pid == _current_pid():
                 self._local.db = None

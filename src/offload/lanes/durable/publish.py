@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -26,7 +24,6 @@ from offload.transport import sqlite
 if TYPE_CHECKING:
     from offload.core.task import Call, Task
     from offload.ledger.queries import RunMessage
-    from offload.transport._wake import Waker
 
     Batches = Sequence[tuple[Task[Any, Any], Sequence[tuple[str, Call]]]]
     """Runs to publish: each task with the `(run id, call)` of its runs."""
@@ -73,10 +70,10 @@ class Publisher:
         self._tasks = tasks
         self._celery_tasks = celery_tasks
         self._broker_file_ready = False  # `message_rows` checked the broker's tables
-        self._waker: Waker | None = None
-        self._waker_lock = threading.Lock()
+        self._wakers: sqlite.ProcessWaker | None = None  # the embedded broker's consumers
         if settings.broker_scheme == "sqlite":
             self._broker_file = sqlite.database_path(settings.resolved_broker_url)
+            self._wakers = sqlite.ProcessWaker(self._broker_file)
         # kombu's Redis transport serves *lower* numbers first; AMQP and ours serve higher.
         self._lower_first = settings.broker_scheme in ("redis", "rediss")
         timeout = settings.publish_timeout_s
@@ -142,20 +139,13 @@ class Publisher:
 
     def wake_consumers(self) -> None:
         """Tell the embedded broker's consumers that rows from `message_rows` are committed."""
-        waker = self._waker
-        if waker is None or waker.pid != os.getpid():  # a forked child makes its own
-            with self._waker_lock:
-                waker = self._waker
-                if waker is None or waker.pid != os.getpid():
-                    waker = self._waker = sqlite.notifier(self._broker_file)
-        waker.notify_all()
+        if self._wakers is not None:
+            self._wakers.get().notify_all()
 
     def close(self) -> None:
         """Close the socket `wake_consumers` opened (it opens another if called again)."""
-        with self._waker_lock:
-            waker, self._waker = self._waker, None
-        if waker is not None and waker.pid == os.getpid():
-            waker.close()
+        if self._wakers is not None:
+            self._wakers.close()
 
     def _send_all(self, batches: Batches, producer: Any) -> None:
         for task, calls in batches:
