@@ -21,9 +21,27 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
+def engine_of(url: str) -> sa.Engine:
+    """An engine straight on the ledger's database, past offload (psycopg 3 on PostgreSQL)."""
+    return sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+
+
+def ledger_with_a_run(url: str, tmp_path: Path) -> str:
+    """Write today's ledger at `url` holding one waiting run; its id."""
+    old = Offload(data_dir=tmp_path, ledger_url=url)
+
+    @old.task
+    def charge(cents: int) -> int:
+        return cents
+
+    kept = charge.defer_sync(cents=250)
+    old.close()
+    return kept.id
+
+
 def as_version_1(url: str) -> None:
     """Take back what versions 2 to 5 added, as a ledger of offload 0.1 had it."""
-    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    engine = engine_of(url)
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE offload_queues"))
         conn.execute(sa.text("DROP INDEX ix_offload_runs_held"))
@@ -42,7 +60,7 @@ def as_version_1(url: str) -> None:
 
 
 def version_of(url: str) -> int:
-    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    engine = engine_of(url)
     with engine.connect() as conn:
         found = conn.execute(sa.text("SELECT value FROM offload_meta")).scalar_one()
     engine.dispose()
@@ -50,14 +68,7 @@ def version_of(url: str) -> int:
 
 
 def test_a_version_1_ledger_is_upgraded_and_keeps_its_runs(url: str, tmp_path: Path) -> None:
-    old = Offload(data_dir=tmp_path, ledger_url=url)
-
-    @old.task
-    def charge(cents: int) -> int:
-        return cents
-
-    kept = charge.defer_sync(cents=250)
-    old.close()
+    kept = ledger_with_a_run(url, tmp_path)
     as_version_1(url)
     assert version_of(url) == 1
 
@@ -65,13 +76,13 @@ def test_a_version_1_ledger_is_upgraded_and_keeps_its_runs(url: str, tmp_path: P
     try:
         jobs.ledger.ensure_schema()
         assert version_of(url) == SCHEMA_VERSION
-        status = jobs.status_sync(kept.id)
+        status = jobs.status_sync(kept)
         assert status.state is RunState.PENDING
         assert status.replay_of is None
         assert status.replayed_by is None
-        assert [r.id for r in jobs.list_runs_sync(RunFilter(task="charge")).runs] == [kept.id]
-        jobs.cancel_sync(kept.id)  # writes version 3's counters table too
-        assert jobs.status_sync(kept.id).state is RunState.CANCELLED
+        assert [r.id for r in jobs.list_runs_sync(RunFilter(task="charge")).runs] == [kept]
+        jobs.cancel_sync(kept)  # writes version 3's counters table too
+        assert jobs.status_sync(kept).state is RunState.CANCELLED
 
         @jobs.task
         def nightly() -> None: ...
@@ -149,7 +160,7 @@ PARTIAL = {
 
 
 def index_definitions(url: str) -> dict[str, str]:
-    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    engine = engine_of(url)
     with engine.connect() as conn:
         if conn.dialect.name == "sqlite":
             query = "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
@@ -163,15 +174,8 @@ def index_definitions(url: str) -> dict[str, str]:
 def test_a_version_6_ledger_indexes_only_the_runs_that_set_the_column(
     url: str, tmp_path: Path
 ) -> None:
-    old = Offload(data_dir=tmp_path, ledger_url=url)
-
-    @old.task
-    def charge(cents: int) -> int:
-        return cents
-
-    kept = charge.defer_sync(cents=250)
-    old.close()
-    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    kept = ledger_with_a_run(url, tmp_path)
+    engine = engine_of(url)
     with engine.begin() as conn:  # the indexes as versions up to 6 created them
         for name, target in PARTIAL.items():
             unique = "UNIQUE " if name.startswith("uq_") else ""
@@ -188,7 +192,7 @@ def test_a_version_6_ledger_indexes_only_the_runs_that_set_the_column(
         definitions = index_definitions(url)
         assert sorted(definitions) == sorted(PARTIAL)
         assert all("WHERE" in sql and "IS NOT NULL" in sql for sql in definitions.values())
-        assert jobs.status_sync(kept.id).state is RunState.PENDING
+        assert jobs.status_sync(kept).state is RunState.PENDING
         if url.startswith("sqlite"):  # retention's batch still walks the finished index
             with jobs.ledger.engine.connect() as conn:
                 plan = " ".join(
