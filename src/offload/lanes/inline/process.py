@@ -177,7 +177,11 @@ class ProcessPool:
                 self._submitted.pop(run.id, None)
                 with contextlib.suppress(FileNotFoundError):
                     (self._cancel_dir / run.id).unlink()
-        ok, value = outcome
+        ok, value, last_progress = outcome
+        if last_progress is not None:
+            # The events pipe and the result travel apart: the last progress may still be in
+            # the pipe, where it would arrive after the run ended and be dropped.
+            run.report_progress(*last_progress)
         if ok:
             return value
         raise ChildFailure(value)
@@ -272,7 +276,7 @@ def _child_run(
     kwargs: dict[str, JSONValue],
     soft_s: float | None,
     cancel_marker: str,
-) -> tuple[bool, Any]:
+) -> tuple[bool, Any, tuple[float, str | None] | None]:
     global _cancel_marker
     task = _find_task(module, qualname)
     _cancel_marker = cancel_marker
@@ -280,8 +284,12 @@ def _child_run(
     assert events is not None
     events.send(("started", run_id, os.getpid()))
 
+    last: list[tuple[float, str | None]] = []  # the latest progress written, sent back too
+
     def write_progress(fraction: float, message: str | None) -> None:
-        events.send(("progress", run_id, fraction, None if message is None else message[:500]))
+        report = (fraction, None if message is None else message[:500])
+        last[:] = [report]
+        events.send(("progress", run_id, *report))
 
     ctx = TaskContext(
         run_id=run_id,
@@ -300,10 +308,10 @@ def _child_run(
         if asyncio.iscoroutine(value):
             value = asyncio.run(value)
         ctx.flush()
-        return True, task.encode_result(value)
+        return True, task.encode_result(value), last[0] if last else None
     except BaseException as exc:  # noqa: BLE001 - described and sent back to the parent
         ctx.flush()
-        return False, attempt.describe(exc, task.policy)
+        return False, attempt.describe(exc, task.policy), last[0] if last else None
     finally:
         _cancel_marker = ""
         if soft_s is not None:
